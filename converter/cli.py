@@ -1,0 +1,65 @@
+"""Command line of the converter: `python -m converter --help` (or `edge-convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from device.bundle import BundleError
+from training.datasets import DATA_ENV, DataNotFoundError
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _add_common(p: argparse.ArgumentParser, max_drop: float, out: Path) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"data directory (default: ${DATA_ENV}, else ../shared/data beside the project)")
+    p.add_argument("--out", type=Path, default=out, help="bundle folder to write (default: %(default)s)")
+    p.add_argument("--representative", type=int, default=300,
+                   help="calibration samples drawn from the training split (default: %(default)s)")
+    p.add_argument("--max-drop-pp", type=float, default=max_drop,
+                   help="gate: largest accepted accuracy drop int8 vs float, in percentage points (default: %(default)s)")
+    p.add_argument("--io", choices=("int8", "uint8"), default="int8",
+                   help="int8 model input/output type; uint8 for Coral's pycoral (default: %(default)s)")
+    p.add_argument("--fix", action="store_true",
+                   help="if the gate fails, keep the worst layers' op types in float until it passes "
+                        "(the result is no longer Edge TPU-ready)")
+
+
+def _digits(args: argparse.Namespace) -> int:
+    from converter.digits import quantize_digits
+
+    passed = quantize_digits(args.model, args.out, data_dir=args.data_dir, representative=args.representative,
+                             max_drop_pp=args.max_drop_pp, io_type=args.io, fix=args.fix)
+    return 0 if passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-convert",
+        description="Turn a trained Keras model into a float32 and an int8 TFLite model, measure both through "
+        "the device runtime on real test data, and write a bundle only if int8 stays within the accuracy gate. "
+        "Exit status: 0 passed, 1 gate failed (report in <out>.rejected/), 2 bad input.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="TASK")
+    p = sub.add_parser("digits", help="MNIST digit classifier → models/digits",
+                       description="Convert and gate a digits model on the full 10k MNIST test set.")
+    p.add_argument("--model", type=Path, default=Path("build/digits/model.keras"),
+                   help="trained Keras model (default: %(default)s)")
+    _add_common(p, max_drop=0.3, out=MODELS / "digits")
+    p.set_defaults(func=_digits)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = getattr(args, "model", None)
+    if model is not None and not Path(model).exists():
+        print(f"error: no trained model at {model}; train it first (python -m training {args.command})", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (DataNotFoundError, BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

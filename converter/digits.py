@@ -1,0 +1,147 @@
+"""Digits: Keras model → float and int8 TFLite → accuracy gate on the full MNIST test set → bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from converter.edgetpu import check_edgetpu
+from converter.gate import Gate, quantize_with_gate, score_bytes
+from converter.metrics import compare_classifiers
+from converter.package import markdown_table, toolchain, write_bundle
+from converter.tflite import to_float
+from device.bench import latency_ms
+from device.preprocess import MNIST_SPEC, normalize
+from device.runtime import Model
+from training.datasets.mnist import load_mnist
+
+LABELS = [str(d) for d in range(10)]
+
+
+def predict_labels(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
+    """Class predictions of a .tflite file through the device runtime (what ships is what we measure)."""
+    return Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=2)).argmax(axis=1)
+
+
+def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,
+                    max_drop_pp: float = 0.3, io_type: str = "int8", fix: bool = False, seed: int = 0) -> bool:
+    """Build the digits bundle; returns whether it passed the gate (the CLI turns False into exit 1)."""
+    model = keras.saving.load_model(keras_path)
+    train_info_path = Path(keras_path).with_name("train_info.json")
+    train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    data = load_mnist(data_dir)
+    rng = np.random.default_rng(seed)
+    calibration = normalize(data.x_train[rng.choice(len(data.x_train), representative, replace=False)], MNIST_SPEC)
+    x_test = normalize(data.x_test, MNIST_SPEC)
+    y_test = data.y_test
+
+    print(f"evaluating Keras float on {len(x_test):,} test images …", flush=True)
+    keras_pred = model.predict(x_test, batch_size=512, verbose=0).argmax(axis=1)
+    print("converting to float32 TFLite …", flush=True)
+    float_bytes = to_float(model)
+    float_pred = score_bytes(float_bytes, lambda p: predict_labels(p, x_test, "float TFLite"))
+
+    def top1(path: Path) -> float:
+        return float(np.mean(predict_labels(path, x_test, "int8 TFLite") == y_test))
+
+    print(f"calibrating int8 on {representative} training images and checking the gate …", flush=True)
+    gate = Gate(metric="top1", max_drop_pp=max_drop_pp)
+    result = quantize_with_gate(model, calibration, float(np.mean(float_pred == y_test)), top1, gate, io_type, fix)
+    int8_pred = score_bytes(result.int8, lambda p: predict_labels(p, x_test, "int8 TFLite (final)"))
+    comparison = compare_classifiers(y_test, float_pred, int8_pred, LABELS)
+    edgetpu = score_bytes(result.int8, check_edgetpu)
+    files = {"model_float.tflite": float_bytes, "model_int8.tflite": result.int8}
+    described = {name: score_bytes(b, lambda p: Model(p).describe()) for name, b in files.items()}
+    latency = {name: score_bytes(b, lambda p: latency_ms(Model(p, threads=1))) for name, b in files.items()}
+
+    metrics = {
+        "keras_float_top1": float(np.mean(keras_pred == y_test)),
+        "float_top1": comparison["float_top1"],
+        "int8_top1": comparison["int8_top1"],
+        "comparison": comparison,
+    }
+    gate_record = {"metric": gate.metric, "max_drop_pp": gate.max_drop_pp, "drop_pp": comparison["drop_pp"],
+                   "passed": result.passed, "float_ops_kept": result.float_ops, "attempts": result.attempts,
+                   "worst_layers": [vars(w) for w in result.worst[:10]]}
+    manifest: dict[str, Any] = {
+        "task": "digits-classification",
+        "name": "digits",
+        "description": "Handwritten digit 0-9 from a 28x28 MNIST-framed grey image",
+        "models": {
+            "float": {"file": "model_float.tflite", "bytes": len(float_bytes), **described["model_float.tflite"]},
+            "int8": {"file": "model_int8.tflite", "bytes": len(result.int8), "io": io_type,
+                     "edgetpu_ready": edgetpu["ready"], **described["model_int8.tflite"]},
+        },
+        "default_model": "int8",
+        "preprocessing": {**MNIST_SPEC, "photo_pipeline": "device.preprocess.mnist_style"},
+        "labels": LABELS,
+        "thresholds": {},
+        "metrics": metrics,
+        "gate": gate_record,
+        "calibration": {"samples": representative, "source": "MNIST training split", "seed": seed},
+        "evaluation": {"data": "MNIST test split", "n": int(len(y_test))},
+        "training": {k: v for k, v in train_info.items() if k not in ("data", "toolchain", "preprocessing")},
+        "data": data.source,
+        "toolchain": {**train_info.get("toolchain", {}), **toolchain()},
+        "edgetpu": {k: v for k, v in edgetpu.items() if k != "compiler"} | {"compiler_run": edgetpu["compiler"]},
+    }
+    summary_rows = [
+        ["Keras float", metrics["keras_float_top1"], "-", "-"],
+        ["TFLite float32", comparison["float_top1"], f"{len(float_bytes) / 1024:.0f}",
+         f"{latency['model_float.tflite']['median_ms']:.3f}"],
+        [f"TFLite int8 ({io_type} I/O)", comparison["int8_top1"], f"{len(result.int8) / 1024:.0f}",
+         f"{latency['model_int8.tflite']['median_ms']:.3f}"],
+    ]
+    summary = markdown_table(["model", "top-1 (10k test)", "size KB", "latency ms (1 thread)"], summary_rows)
+    report_md = _report(manifest, summary, comparison, result.passed, edgetpu)
+    target = write_bundle(out, files, manifest, report_md,
+                          {"summary": summary_rows, **{k: manifest[k] for k in ("metrics", "gate", "edgetpu")}},
+                          result.passed)
+    print("\n" + summary + "\n")
+    verdict = "PASSED" if result.passed else "FAILED"
+    print(f"gate {verdict}: int8 top-1 drop {comparison['drop_pp']:+.2f} pp (limit {max_drop_pp} pp), "
+          f"disagreement {comparison['disagreement']:.2%}, McNemar p = {comparison['mcnemar_p']:.3f}")
+    if result.float_ops:
+        print(f"note: {', '.join(result.float_ops)} kept in float by --fix: this model is NOT Edge TPU-ready")
+    print(f"bundle written to {target} (report: {target / 'report.md'})")
+    return result.passed
+
+
+def _report(manifest: dict[str, Any], summary: str, comparison: dict[str, Any], passed: bool,
+            edgetpu: dict[str, Any]) -> str:
+    gate = manifest["gate"]
+    per_class = markdown_table(
+        ["digit", "n", "float", "int8"],
+        [[label, v["n"], v["float"], v["int8"]] for label, v in comparison["per_class"].items()],
+    )
+    lines = [
+        "# Digits bundle report",
+        "",
+        f"Gate: **{'PASSED' if passed else 'FAILED'}** — top-1 drop {comparison['drop_pp']:+.2f} pp "
+        f"(limit {gate['max_drop_pp']} pp), measured through the device runtime on {comparison['n']:,} MNIST test images.",
+        "",
+        summary,
+        "",
+        f"- Float and int8 disagree on {comparison['disagreement']:.2%} of images; only float right: "
+        f"{comparison['float_only_right']}, only int8 right: {comparison['int8_only_right']}, "
+        f"exact McNemar p = {comparison['mcnemar_p']:.3f}.",
+        f"- Training: {manifest['training'].get('arch', '?')} architecture, "
+        f"{manifest['training'].get('parameters', '?')} parameters, {manifest['training'].get('macs', '?')} MACs.",
+        f"- Edge TPU ready: **{edgetpu['ready']}**"
+        + ("" if edgetpu["ready"] else f"; CPU fallback from op {edgetpu['cpu_from_op']}: "
+           + "; ".join(f"{p['op']} ({', '.join(p['reasons'])})" for p in edgetpu["problems"][:5])),
+        f"- edgetpu_compiler: {'not installed' if edgetpu['compiler'] is None else edgetpu['compiler']['returncode']}",
+    ]
+    if gate["float_ops_kept"]:
+        lines.append(f"- `--fix` kept {', '.join(gate['float_ops_kept'])} in float: not Edge TPU-ready.")
+    if gate["worst_layers"]:
+        lines += ["", "## Worst layers (quantization debugger)", "",
+                  markdown_table(["op", "RMSE / step", "tensor"],
+                                 [[w["op"], w["rmse_per_step"], w["tensor"]] for w in gate["worst_layers"]])]
+    lines += ["", "## Per-class accuracy", "", per_class, ""]
+    return "\n".join(lines)

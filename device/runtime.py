@@ -1,0 +1,166 @@
+"""Running a .tflite model with whichever LiteRT interpreter this machine has.
+
+Order of preference: `ai_edge_litert` (LiteRT, the maintained runtime), then `tflite_runtime`
+(older Pi images), then TensorFlow's own interpreter as a last resort on a host that has neither.
+TensorFlow is never a dependency of this package; it is only looked up by name when nothing else
+is installed, so the converter's measurements and a Raspberry Pi run the same code below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+_INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
+_EDGETPU_LIBRARY = {
+    "Linux": "libedgetpu.so.1",
+    "Darwin": "libedgetpu.1.dylib",
+    "Windows": "edgetpu.dll",
+}.get(platform.system(), "libedgetpu.so.1")
+
+
+class ModelError(Exception):
+    """A model file cannot be loaded or does not fit the way it is being used."""
+
+
+def interpreter_module() -> ModuleType:
+    """The first importable interpreter module, in order of preference."""
+    errors = []
+    for name in _INTERPRETER_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ModelError("no TFLite interpreter installed; run `pip install ai-edge-litert`.\n" + "\n".join(errors))
+
+
+def edgetpu_delegate() -> Any | None:
+    """The Edge TPU delegate if libedgetpu is installed on this machine, else None."""
+    module = interpreter_module()
+    try:
+        return module.load_delegate(_EDGETPU_LIBRARY)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_edgetpu_compiled(path: Path) -> bool:
+    """True for a model produced by edgetpu_compiler (it embeds the `edgetpu-custom-op`)."""
+    with open(path, "rb") as handle:
+        return b"edgetpu-custom-op" in handle.read()
+
+
+def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool | None = None) -> Any:
+    """Create and allocate an interpreter for a model file.
+
+    `edgetpu=None` uses the Edge TPU only when the model was compiled for it and the library
+    is present; `True` insists (and fails clearly without it); `False` never uses it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    module = interpreter_module()
+    compiled = is_edgetpu_compiled(path)
+    delegates = []
+    if edgetpu or (edgetpu is None and compiled):
+        delegate = edgetpu_delegate()
+        if delegate is None and (edgetpu or compiled):
+            raise ModelError(f"{path.name} needs the Edge TPU but {_EDGETPU_LIBRARY} could not be loaded")
+        delegates.append(delegate)
+    threads = threads or os.cpu_count() or 1
+    try:
+        interpreter = module.Interpreter(
+            model_path=str(path), experimental_delegates=delegates or None, num_threads=threads
+        )
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path} is not a usable TFLite model: {exc}") from exc
+    return interpreter
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine quantisation of one tensor: real = scale * (q - zero_point). scale 0 means float."""
+
+    scale: float
+    zero_point: int
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.scale != 0.0
+
+
+class Model:
+    """One TFLite model seen as float in, float out.
+
+    Inputs are quantised with the model's own input parameters and outputs dequantised, so
+    callers (the digit reader, the converter's accuracy check, the benchmarks) never handle
+    int8 arithmetic themselves and a float and an int8 model are used identically.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, edgetpu: bool | None = None):
+        self.path = Path(path)
+        self.interpreter = make_interpreter(self.path, threads=threads, edgetpu=edgetpu)
+        inputs = self.interpreter.get_input_details()
+        outputs = self.interpreter.get_output_details()
+        if len(inputs) != 1:
+            raise ModelError(f"{self.path.name} has {len(inputs)} inputs; this runtime expects one")
+        self._input = inputs[0]
+        self._outputs = outputs
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in self._input["shape"])
+        self.input_dtype = np.dtype(self._input["dtype"])
+        scale, zero_point = self._input["quantization"]
+        self.input_quant = Quantization(float(scale), int(zero_point))
+        self.output_quants = [Quantization(float(o["quantization"][0]), int(o["quantization"][1])) for o in outputs]
+
+    def describe(self) -> dict[str, Any]:
+        """Input and output facts as recorded in a bundle manifest."""
+
+        def tensor(detail: dict[str, Any]) -> dict[str, Any]:
+            scale, zero_point = detail["quantization"]
+            return {
+                "shape": [int(d) for d in detail["shape"]],
+                "dtype": np.dtype(detail["dtype"]).name,
+                "scale": float(scale),
+                "zero_point": int(zero_point),
+            }
+
+        return {"input": tensor(self._input), "outputs": [tensor(o) for o in self._outputs]}
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float input (already preprocessed) → the tensor the model takes."""
+        if not self.input_quant.is_quantized:
+            return x.astype(self.input_dtype, copy=False)
+        info = np.iinfo(self.input_dtype)
+        q = np.round(x / self.input_quant.scale) + self.input_quant.zero_point
+        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+
+    def _dequantize(self, index: int, y: np.ndarray) -> np.ndarray:
+        quant = self.output_quants[index]
+        if not quant.is_quantized:
+            return y.astype(np.float32, copy=True)
+        return (y.astype(np.float32) - quant.zero_point) * quant.scale
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one sample (shape without the batch axis, or with batch 1); returns every output."""
+        x = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
+        self.interpreter.set_tensor(self._input["index"], self.quantize_input(x))
+        self.interpreter.invoke()
+        return [self._dequantize(i, self.interpreter.get_tensor(o["index"])[0]) for i, o in enumerate(self._outputs)]
+
+    def predict(self, batch: np.ndarray, progress: Any = None) -> np.ndarray:
+        """First output for every sample of a batch, stacked. `progress` wraps the sample loop (e.g. tqdm)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = self.input_shape[1:]
+        if tuple(batch.shape[1:]) != expected and int(np.prod(batch.shape[1:])) != int(np.prod(expected)):
+            raise ModelError(f"{self.path.name} takes samples of shape {expected}, got {tuple(batch.shape[1:])}")
+        indices = range(len(batch))
+        if progress is not None:
+            indices = progress(indices)
+        return np.stack([self.run(batch[i])[0] for i in indices]) if len(batch) else np.empty((0,))

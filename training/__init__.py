@@ -1,0 +1,1 @@
+"""Host-side training: Keras models for digits (MNIST), meter digits and face embeddings."""

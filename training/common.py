@@ -1,0 +1,62 @@
+"""Small pieces every training script needs: seeding, MAC counting, saving a run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights and same batches: runs are repeatable on one machine."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one forward pass (batch 1) over conv, depthwise, separable and dense layers."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += count_macs(layer)
+            continue
+        out = getattr(layer, "output", None)
+        if out is None:
+            continue
+        out_shape = out.shape
+        spatial = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            k = int(np.prod(layer.kernel_size))
+            cin = layer.input.shape[-1]
+            total += spatial * cin * (k * layer.depth_multiplier + layer.depth_multiplier * layer.filters)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            total += spatial * out_shape[-1] * int(np.prod(layer.kernel_size))
+        elif isinstance(layer, keras.layers.Conv2D):
+            total += spatial * out_shape[-1] * layer.input.shape[-1] * int(np.prod(layer.kernel_size)) // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(np.prod(out_shape[1:])) * layer.input.shape[-1]
+    return int(total)
+
+
+def toolchain_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def save_run(out: Path, model: keras.Model, history: dict[str, list[float]], info: dict[str, Any]) -> Path:
+    """Write model.keras, history.json and train_info.json into `out`; returns the model path."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.keras"
+    model.save(model_path)
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return model_path
