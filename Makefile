@@ -1,0 +1,50 @@
+# Front door. `make quantize` rebuilds every shipped bundle in models/; `make test` runs the suite.
+# Both create their own virtual environment (.venv) on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data
+BUILD ?= build
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+# Each task adds its own quantize-<task> target to this list.
+QUANTIZE_TARGETS := quantize-digits
+QUANTIZE_TARGETS += quantize-meter
+
+.PHONY: env quantize test bench clean deploy $(QUANTIZE_TARGETS)
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[host,device,dev]'
+	touch $@
+
+quantize: env $(QUANTIZE_TARGETS)
+	@echo "All bundles rebuilt in models/; see models/*/report.md"
+
+quantize-digits: env
+	$(PY) -m training digits --data-dir $(DATA_DIR) --out $(BUILD)/digits --quiet
+	$(PY) -m converter digits --data-dir $(DATA_DIR) --model $(BUILD)/digits/model.keras --out models/digits
+
+quantize-meter: env
+	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter
+	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
+
+test: env
+	EDGE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
+
+bench: env
+	$(PY) -m device bench --models models --out models/benchmarks
+	$(PY) -m device.doorlock bench --source $(DATA_DIR)/faces/scenes --out models/doorlock-bench
+
+# Door lock on a Raspberry Pi over ssh: make deploy PI=user@host (see README, "Door lock").
+deploy:
+	@test -n "$(PI)" || { echo "usage: make deploy PI=user@host"; exit 2; }
+	device/doorlock/deploy.sh $(PI)
+
+clean:
+	rm -rf $(BUILD) .pytest_cache
