@@ -26,12 +26,15 @@ $(VENV)/.installed: pyproject.toml
 quantize: env $(QUANTIZE_TARGETS)
 	@echo "All bundles rebuilt in models/; see models/*/report.md"
 
+# Two digit bundles: the compact edge CNN (most accurate, smallest) and the classic seed CNN.
 quantize-digits: env
-	$(PY) -m training digits --data-dir $(DATA_DIR) --out $(BUILD)/digits --quiet
+	$(PY) -m training digits --arch edge --data-dir $(DATA_DIR) --out $(BUILD)/digits --quiet
 	$(PY) -m converter digits --data-dir $(DATA_DIR) --model $(BUILD)/digits/model.keras --out models/digits
+	$(PY) -m training digits --arch seed --epochs 12 --data-dir $(DATA_DIR) --out $(BUILD)/digits-seed --quiet
+	$(PY) -m converter digits --data-dir $(DATA_DIR) --model $(BUILD)/digits-seed/model.keras --out models/digits-seed
 
 quantize-meter: env
-	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter
+	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter --with-validation
 	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
 
 test: env

@@ -70,7 +70,7 @@ def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, r
                    "worst_layers": [vars(w) for w in result.worst[:10]]}
     manifest: dict[str, Any] = {
         "task": "digits-classification",
-        "name": "digits",
+        "name": out.name,
         "description": "Handwritten digit 0-9 from a 28x28 MNIST-framed grey image",
         "models": {
             "float": {"file": "model_float.tflite", "bytes": len(float_bytes), **described["model_float.tflite"]},

@@ -17,9 +17,10 @@ from device.runtime import Model
 from training.datasets.mnist import load_mnist
 
 
-@pytest.fixture(scope="module")
-def predictions(models_dir: Path, data_dir: Path) -> dict:
-    bundle = Bundle.load(models_dir / "digits")
+@pytest.fixture(scope="module", params=["digits", "digits-seed"])
+def predictions(request, models_dir: Path, data_dir: Path) -> dict:
+    """Every shipped digits bundle: the edge CNN and the classic seed CNN."""
+    bundle = Bundle.load(models_dir / request.param)
     mnist = load_mnist(data_dir)
     x = normalize(mnist.x_test, bundle.preprocessing)
     return {
