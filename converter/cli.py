@@ -35,6 +35,23 @@ def _digits(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _meter(args: argparse.Namespace) -> int:
+    from converter.meter import quantize_meter
+
+    passed = quantize_meter(args.model, args.out, data_dir=args.data_dir, representative=args.representative,
+                            max_drop_pp=args.max_drop_pp, io_type=args.io, fix=args.fix, test_limit=args.test_limit)
+    return 0 if passed else 1
+
+
+def _face(args: argparse.Namespace) -> int:
+    from converter.face import quantize_face
+
+    passed = quantize_face(args.model, args.out, data_dir=args.data_dir, representative=args.representative,
+                           max_drop_pp=args.max_drop_pp, io_type=args.io, fix=args.fix,
+                           cache_dir=args.teacher_cache, recipes=args.recipes, teacher=not args.no_teacher)
+    return 0 if passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-convert",
@@ -49,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained Keras model (default: %(default)s)")
     _add_common(p, max_drop=0.3, out=MODELS / "digits")
     p.set_defaults(func=_digits)
+    p = sub.add_parser("meter", help="meter digit-wheel model → models/meter-digits",
+                       description="Convert and gate a meter digit-wheel model. Measured through the device runtime "
+                       "on every crop of the held-out test meters (groups never seen in training): whole-digit "
+                       "accuracy (the gate metric), rolling accuracy within ±0.1/±0.2 digit, per-meter tables.")
+    p.add_argument("--model", type=Path, default=Path("build/meter/model.keras"),
+                   help="trained Keras model (default: %(default)s)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on N random test crops only (smoke runs; default: all)")
+    _add_common(p, max_drop=0.5, out=MODELS / "meter-digits")
+    p.set_defaults(func=_meter)
+    p = sub.add_parser("face", help="face embedder → models/face",
+                       description="Convert and gate the face embedder on the LFW evaluation folds' pairs (identities "
+                       "never trained on): verification accuracy (the gate), AUC, TAR at FAR 1%%/0.1%% for float, int8 "
+                       "and the dlib teacher side by side; match thresholds re-calibrated on each variant.")
+    p.add_argument("--model", type=Path, default=Path("build/face/model/model.keras"),
+                   help="trained Keras model (default: %(default)s)")
+    p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
+                   help="teacher embedding cache, for the teacher's numbers (default: %(default)s)")
+    p.add_argument("--recipes", type=Path, default=Path("build/face/recipes/recipes.json"),
+                   help="recipe comparison table to include in the report, if present (default: %(default)s)")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="leave the teacher's numbers out instead of computing its missing embeddings (~85 ms each)")
+    _add_common(p, max_drop=0.5, out=MODELS / "face")
+    p.set_defaults(func=_face)
     return parser
 
 

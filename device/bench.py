@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from device.bundle import MANIFEST_NAME, Bundle
+from device.meter.bench import bench_reader
+from device.meter.model import bench_meter
 from device.runtime import Model, interpreter_module
 
 _MEMORY_PROBE = """
@@ -98,8 +100,11 @@ def main(args: argparse.Namespace) -> int:
     machine = f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}, " \
               f"interpreter {interpreter_module().__name__}"
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = _markdown(rows, machine)
+    meter_rows, meter_table = bench_meter(bundles, args.runs)
+    reader_rows, reader_table = bench_reader(Path(args.models), args.runs)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine, "rows": rows, "meter_batch": meter_rows, "meter_reader": reader_rows}, indent=2) + "\n")
+    table = _markdown(rows, machine) + meter_table + reader_table
     out.with_suffix(".md").write_text(table)
     print(table)
     return 0

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a bundle's files against its manifest hashes")
     p.add_argument("bundle", type=Path, help="bundle folder")
     p.set_defaults(func=_verify)
+    sub.add_parser("meter", help="read a water/gas/electricity meter from a camera (`meter --help`)", add_help=False)
     p = sub.add_parser("bench", help="measure latency, size and memory of the shipped bundles")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder with the bundles (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_MODELS / "benchmarks", help="results prefix: writes .json and .md (default: %(default)s)")
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["meter"]:  # its own CLI (device/meter/cli.py); listed in --help by build_parser
+        from device.meter.cli import main as meter_main
+
+        return meter_main(argv[1:], prog="edge-device meter")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

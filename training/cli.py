@@ -26,6 +26,71 @@ def _digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meter(args: argparse.Namespace) -> int:
+    from training.meter import train
+
+    path = train(out=args.out, epochs=args.epochs, batch=args.batch, width=args.width, data_dir=args.data_dir,
+                 subset=args.subset, seed=args.seed, with_validation=args.with_validation)
+    print(f"saved {path}")
+    return 0
+
+
+def _face(args: argparse.Namespace) -> int:
+    from training.face.train import compare_recipes, train
+    from training.teacher import TeacherUnavailable
+
+    options = dict(arch=args.arch, versions=args.versions, p=args.p, k=args.k, learning_rate=args.lr,
+                   patience=args.patience, data_dir=args.data_dir, cache_dir=args.teacher_cache, seed=args.seed,
+                   subset_people=args.subset_people, cached_teacher_only=args.cached_teacher_only)
+    try:
+        if args.compare:
+            compare_recipes(args.out, args.compare.split(","), epochs=args.epochs, **options)
+            print(f"saved {args.out / 'recipes.json'}")
+        else:
+            print(f"saved {train(args.out, recipe=args.recipe, epochs=args.epochs, **options)}")
+    except TeacherUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_face(sub: argparse._SubParsersAction) -> None:
+    from training.face.recipes import RECIPES
+
+    p = sub.add_parser(
+        "face",
+        help="face embedder on LFW, distilled from dlib's face ResNet",
+        description="Train a 128-D face embedder on the LFW training identities (everyone not in the pairs of "
+        "folds 7-10; fold 7 is the validation fold for early stopping, folds 8-10 are evaluation only). Recipes "
+        "combine triplet loss (online semi-hard), CosFace, and distillation from dlib's ResNet (needs the teacher "
+        "cache under --teacher-cache, computed here when dlib is installed: pip install .[teacher]). "
+        "Writes model.keras, history.json and train_info.json to --out.",
+    )
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="distill+triplet",
+                   help="losses to train with (default: %(default)s)")
+    p.add_argument("--compare", metavar="R1,R2,...", default=None,
+                   help="instead: short runs of these recipes into --out/<recipe>/ and a table --out/recipes.json")
+    p.add_argument("--arch", choices=("edge", "seed"), default="edge",
+                   help="edge: MobileFaceNet-like net we ship; seed: plain conv stack reference (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=12, help="most epochs (early stopping may end sooner; default: %(default)s)")
+    p.add_argument("--versions", type=int, default=2,
+                   help="augmented versions per image, 0 = original, odd = mirrored (default: %(default)s)")
+    p.add_argument("--p", type=int, default=32, help="identities per batch (default: %(default)s)")
+    p.add_argument("--k", type=int, default=4, help="samples per identity in a batch (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs (default: %(default)s)")
+    p.add_argument("--subset-people", type=int, default=None, help="train on the first N identities only (smoke runs)")
+    p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
+                   help="teacher embedding cache folder (default: %(default)s)")
+    p.add_argument("--cached-teacher-only", action="store_true",
+                   help="train distillation recipes only on samples whose teacher embedding is already cached")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
+    p.add_argument("--out", type=Path, default=Path("build/face/model"), help="output folder (default: %(default)s)")
+    p.set_defaults(func=_face)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-train", description="Train the Keras models that the converter turns into bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="TASK")
@@ -37,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", choices=("edge", "seed"), default="edge",
                    help="edge: compact separable CNN we ship; seed: the classic Keras MNIST CNN (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
     p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke runs)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
@@ -46,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("build/digits"), help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     p.set_defaults(func=_digits)
+    p = sub.add_parser(
+        "meter",
+        help="utility meter digit wheels (position in tenths) on real meter crops",
+        description="Train the meter digit-wheel model: a small CNN that reads a wheel's position in tenths of a "
+        "digit (100 classes, 0.0-9.9) from a 20x32 RGB crop, on the real crops in meter-digits/collected. "
+        "Trains on the training meter groups with augmentation (framing, lighting, blur, glare, noise) and "
+        "prints whole-digit and rolling accuracy on the validation groups after every epoch; the test groups "
+        "are left to the converter. Writes model.keras, history.json and train_info.json to --out.",
+    )
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
+    p.add_argument("--with-validation", action="store_true",
+                   help="also train on the validation groups (for the shipped model, once settings are chosen); "
+                        "the per-epoch validation numbers then only show progress")
+    p.add_argument("--width", type=int, default=24,
+                   help="filters of the first conv block; later blocks use 2x and 4x (default: %(default)s)")
+    p.add_argument("--subset", type=int, default=None, help="train on N random training crops only (smoke runs)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"data directory holding meter-digits/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
+    p.add_argument("--out", type=Path, default=Path("build/meter"), help="output folder (default: %(default)s)")
+    p.set_defaults(func=_meter)
+    _add_face(sub)
     return parser
 
 

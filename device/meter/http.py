@@ -1,0 +1,110 @@
+"""A small HTTP/JSON endpoint: latest value, history, and setting the fallback value at run time.
+
+Standard library only (http.server in a daemon thread): it serves a handful of requests a minute
+on a Raspberry Pi, so a web framework would only add installs.
+
+    GET  /api/value                      latest reading and published value
+    GET  /api/history?limit=100&since=T&accepted=1   stored readings, newest first (T: Unix time)
+    POST /api/value   {"value": 123.456}  replace the last good value (Bearer token if configured)
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+from device.meter.config import HttpConfig
+from device.meter.history import History
+
+log = logging.getLogger("device.meter")
+ENDPOINTS = {"GET /api/value": "latest reading", "GET /api/history": "stored readings (limit, since, accepted)",
+             "POST /api/value": 'set the fallback value: {"value": <number>}'}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        url = urlsplit(self.path)
+        if url.path == "/api/value":
+            return self._send(200, self.server.latest())
+        if url.path == "/api/history":
+            if self.server.history is None:
+                return self._send(404, {"error": "history is not enabled in the config ([history])"})
+            query = parse_qs(url.query)
+            try:
+                limit = int(query.get("limit", ["100"])[0])
+                since = float(query["since"][0]) if "since" in query else None
+            except ValueError:
+                return self._send(400, {"error": "limit must be an integer and since a Unix time"})
+            accepted = query.get("accepted", ["0"])[0] in ("1", "true", "yes")
+            rows = self.server.history.recent(max(1, min(limit, 10000)), since, accepted)
+            return self._send(200, {"readings": rows})
+        if url.path in ("/", "/api"):
+            return self._send(200, {"endpoints": ENDPOINTS})
+        return self._send(404, {"error": f"no such endpoint {url.path}", "endpoints": ENDPOINTS})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        if urlsplit(self.path).path != "/api/value":
+            return self._send(404, {"error": f"no such endpoint {self.path}", "endpoints": ENDPOINTS})
+        token = self.server.config.token
+        if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            return self._send(401, {"error": "missing or wrong 'Authorization: Bearer <token>'"})
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(min(length, 10000)) or b"{}")
+            value = float(body["value"])
+            outcome = self.server.set_value(value)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._send(400, {"error": f'expected a JSON body {{"value": <number>}}: {exc}'})
+        return self._send(200, outcome)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    config: HttpConfig
+    latest: Callable[[], dict]
+    history: History | None
+    set_value: Callable[[float], dict]
+
+
+class MeterHttp:
+    """The endpoint, serving in a background thread until `close()`. Port 0 picks a free port (`.port`)."""
+
+    def __init__(self, config: HttpConfig, latest: Callable[[], dict], set_value: Callable[[float], dict],
+                 history: History | None = None):
+        self.server = _Server((config.host, config.port), _Handler)
+        self.server.config = config
+        self.server.latest = latest
+        self.server.set_value = set_value
+        self.server.history = history
+        self.thread = threading.Thread(target=self.server.serve_forever, name="meter-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> "MeterHttp":
+        self.thread.start()
+        log.info("HTTP endpoint on http://%s:%d/api/value", self.server.server_address[0], self.port)
+        return self
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,184 @@
+"""The digit-wheel model of a utility meter: one crop per wheel in, wheel position out.
+
+A meter's counter wheels do not jump from digit to digit: between two readings a wheel can stand
+anywhere, e.g. 70% of the way from 7 to 8. The model therefore predicts the wheel *position* in
+tenths of a digit (100 classes, 0.0 … 9.9, on a circle: 9.9 is next to 0.0), not only a digit. The
+reader (alignment, assembly, post-processing) turns positions of several wheels into one reading.
+
+Preprocessing is defined here, once: `METER_SPEC` and `crop_to_input` are imported by training and
+by the converter, and the spec travels in each bundle's manifest so a device reads how the model
+was trained.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from device.bundle import Bundle, BundleError
+from device.images import ImageError, check_image
+from device.preprocess import normalize
+from device.runtime import Model, ModelError
+
+TASK = "meter-digit-position"
+CLASSES = 100  # wheel positions in tenths of a digit: class k is position k / 10
+# Crops are portrait windows (a digit is about 1.6x as tall as wide); 20x32 keeps that aspect, is
+# what the reference system's digit models take, and is at or below the size of the smallest
+# crops in the data set, so no crop is upscaled much.
+METER_SPEC: dict[str, Any] = {
+    "kind": "meter-digit-wheel",
+    "size": [32, 20],  # height, width
+    "channels": 3,
+    "color": "RGB",
+    "resize": "cv2.INTER_AREA (shrinking) / INTER_LINEAR (enlarging), aspect not kept",
+    "scale": 1.0 / 255.0,
+    "offset": 0.0,
+    "input": "crop of one digit window, the whole window, BGR uint8 as OpenCV loads it",
+}
+# A wheel within this many digits of a whole position shows that digit clearly; further away it
+# is "rolling" (two digits partly visible). 0.15 is half-way between the 0.1 and 0.2 steps.
+ROLLING_MARGIN = 0.15
+
+
+@dataclass(frozen=True)
+class WheelReading:
+    """What one wheel shows.
+
+    `value` is the wheel position in [0, 10): 7.9 is 90% of the way from 7 to 8.
+    `digit` is the whole digit shown: the nearest digit when the wheel stands on one (6.95 → 7),
+    the digit it is leaving (round-down) while rolling (7.5 → 7); deciding whether a rolling wheel
+    has already passed its digit needs the wheel to its right, which is the reader's job.
+    `rolling` is True when the wheel is more than ROLLING_MARGIN away from a whole digit.
+    `confidence` (0..1) is the probability the model puts within ±0.1 of its most likely position.
+    """
+
+    value: float
+    digit: int
+    rolling: bool
+    confidence: float
+
+
+def crop_to_input(crop: np.ndarray, spec: dict[str, Any] = METER_SPEC) -> np.ndarray:
+    """One digit-window crop (BGR or grey uint8, any size) → float32 model input (H, W, 3).
+
+    Raises ImageError for something that is not an image or is too small to hold a digit.
+    """
+    image = check_image(crop, "meter digit crop")
+    if min(image.shape[:2]) < 4:
+        raise ImageError(f"meter digit crop of {image.shape[1]}x{image.shape[0]} px is too small to hold a digit")
+    height, width = spec["size"]
+    rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
+    shrinking = rgb.shape[0] > height or rgb.shape[1] > width
+    resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return normalize(resized, spec)
+
+
+def circular_distance(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    """Distance between wheel positions on the 0..10 circle: 9.9 and 0.0 are 0.1 apart."""
+    d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 10.0
+    return np.minimum(d, 10.0 - d)
+
+
+def decode(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, 100) → (positions in [0, 10), confidence).
+
+    The position is the probability-weighted mean of the ±0.2 window around the most likely class,
+    taken around the circle (9.9 and 0.0 are neighbours): finer than one class when the model hesitates between neighbours, and immune to
+    a second, distant mode. Confidence is the mass within ±0.1 of the most likely class.
+    """
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1, CLASSES)
+    best = p.argmax(axis=1)
+    offsets = np.arange(-2, 3)
+    idx = (best[:, None] + offsets[None, :]) % CLASSES
+    window = np.take_along_axis(p, idx, axis=1)
+    weights = window / np.maximum(window.sum(axis=1, keepdims=True), 1e-12)
+    values = (best + (weights * offsets).sum(axis=1)) / 10.0 % 10.0
+    confidence = np.take_along_axis(p, idx[:, 1:4], axis=1).sum(axis=1)
+    return values, np.clip(confidence, 0.0, 1.0)
+
+
+def reading(value: float, confidence: float) -> WheelReading:
+    """A position and its confidence as a WheelReading (digit and rolling derived as documented there)."""
+    value = round(float(value), 3) % 10.0  # rounded first, so 9.9996 becomes 0.0, never 10.0
+    nearest = round(value)  # may be 10 for 9.96: the distance below needs no wrap-around
+    rolling = abs(value - nearest) > ROLLING_MARGIN
+    digit = int(value) % 10 if rolling else nearest % 10
+    return WheelReading(value=value, digit=digit, rolling=rolling, confidence=float(confidence))
+
+
+class MeterDigitModel:
+    """A meter digit model ready to classify wheel crops. Load once (usually from a bundle), classify many."""
+
+    def __init__(self, model: Model, spec: dict[str, Any] = METER_SPEC):
+        if tuple(model.input_shape[1:3]) != tuple(spec["size"]):
+            raise ModelError(f"{model.path.name} takes {model.input_shape[1:3]} input, the preprocessing "
+                             f"spec gives {tuple(spec['size'])}")
+        self.model = model
+        self.spec = spec
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "MeterDigitModel":
+        """Verify the bundle's hashes, then load its `variant` ("int8" or "float") model."""
+        bundle = Bundle.load(path)
+        if bundle.task != TASK:
+            raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a meter digit model ({TASK})")
+        return cls(Model(bundle.model_path(variant), threads=threads), bundle.preprocessing)
+
+    def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(N, 100) class probabilities, one row per crop (class k = position k / 10)."""
+        if not crops:
+            return np.empty((0, CLASSES), np.float32)
+        return np.stack([self.model.run(crop_to_input(crop, self.spec))[0] for crop in crops])
+
+    def classify(self, crops: list[np.ndarray]) -> list[WheelReading]:
+        """One WheelReading per crop (BGR uint8 crops of any size, one per wheel, in any order)."""
+        values, confidence = decode(self.probabilities(list(crops)))
+        return [reading(v, c) for v, c in zip(values, confidence)]
+
+
+def batch_latency_ms(model: MeterDigitModel, batch: int = 8, crop_size: tuple[int, int] = (63, 36),
+                     runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Median and 90th percentile of `classify` on `batch` crops (preprocessing included), in ms.
+
+    A meter has several wheels, read together each frame, so a batch of ROIs is the unit that
+    matters on the device. Pixel content does not change the time; the crop size (a typical one
+    from the data set, height x width) sets the resize cost.
+    """
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (*crop_size, 3), dtype=np.uint8) for _ in range(batch)]
+    for _ in range(warmup):
+        model.classify(crops)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model.classify(crops)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"batch": batch, "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def bench_meter(bundles: list[Path], runs: int = 50, threads: tuple[int, ...] = (1, 2)) -> tuple[list[dict], str]:
+    """`make bench` part for meter-digit bundles: batch-of-8 `classify` latency per variant and thread
+    count, as JSON rows and a Markdown section (empty when no meter bundle is among `bundles`)."""
+    rows = []
+    for root in bundles:
+        bundle = Bundle.load(root)
+        if bundle.task != TASK:
+            continue
+        for variant in bundle.variants():
+            for n in threads:
+                model = MeterDigitModel(Model(bundle.model_path(variant), threads=n), bundle.preprocessing)
+                rows.append({"bundle": root.name, "variant": variant, "threads": n,
+                             **batch_latency_ms(model, runs=runs)})
+    if not rows:
+        return rows, ""
+    lines = ["", "Meter digits: one frame's wheels, `MeterDigitModel.classify` on a batch of 8 crops "
+             "(63x36 px, preprocessing included).", "",
+             "| bundle | model | threads | crops | median ms | p90 ms |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['bundle']} | {r['variant']} | {r['threads']} | {r['batch']} | {r['median_ms']:.3f} | "
+              f"{r['p90_ms']:.3f} |" for r in rows]
+    return rows, "\n".join(lines) + "\n"

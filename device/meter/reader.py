@@ -1,0 +1,150 @@
+"""From a camera frame to a meter reading: align, crop every wheel, classify in one batch, assemble.
+
+The assembly rule (`assemble`) is where mechanical counters are different from a row of digits.
+A wheel does not jump: it turns from d to d+1 while the wheel to its right turns from 9 to 0
+(the carry). So a wheel that the model sees "between" two digits is decided by its right-hand
+neighbour, exactly as a person reads an odometer, and a wheel that seems to have moved too early
+or too late is corrected the same way (AI-on-the-edge's "digit increase consistency", e.g. a false
+17.9 becomes 16.9).
+
+The rule, right to left, with positions on the 0..10 circle:
+
+1. The last (rightmost) wheel has no neighbour. Its position `p` is the model's value, nudged up
+   by `last_wheel_tolerance` (default 0.2): a digit standing centred is often seen as x.9, and
+   reporting 7 for a wheel showing 8 would be wrong, whereas 7.8…7.99 showing mostly an 8 is read
+   as 8 by a person too. Its digit is floor(p). With `extended_resolution` the position is instead
+   kept to one decimal (rounded) and its tenths become one more decimal place of the reading.
+2. Every other wheel: while its right neighbour stands at position q, the wheel is expected to be
+   `carry = max(0, q - 9)` of the way to its next digit (zero until the neighbour passes 9, then
+   rising to 1 as the neighbour reaches 10 = 0). Its digit is the whole number nearest to
+   `value - carry`, i.e. the digit whose expected position is closest to what the model saw (on
+   the circle, so 0.1 with a neighbour at 9.8 reads 9). Its own position, as seen by the wheel on
+   its left, is `digit + carry`: the mechanically consistent position, not the noisy model value.
+
+Example: wheels 1.0, 2.9, 9.8 (extended resolution) → the last wheel is 9.8; the middle one is
+expected 0.8 of its way, 2.9 - 0.8 = 2.1 → 2; the first one sees q = 2.8 → carry 0 → 1: 129.8.
+One tick later the last wheel is 0.1 and the middle one 3.0 → 130.1; a middle wheel still lagging
+at 2.9 is also read 3 because its neighbour has passed 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import cv2
+import numpy as np
+
+from device.images import check_image
+from device.meter.align import Aligner, Alignment
+from device.meter.config import MeterConfig, ReadingConfig
+
+
+class Wheel(Protocol):
+    """What assembly needs of one wheel reading (device.meter.model.WheelReading has it)."""
+
+    value: float
+    confidence: float
+
+
+class WheelClassifier(Protocol):
+    def classify(self, crops: list[np.ndarray]) -> Sequence[Wheel]: ...
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """The number the wheels show: `text` keeps the decimals exactly, `value` is the same as a float."""
+
+    value: float
+    text: str
+    digits: tuple[int, ...]
+
+
+def assemble(wheels: Sequence[Wheel], config: ReadingConfig = ReadingConfig()) -> Assembled:
+    """Assemble wheel positions (left = most significant) into a number; the rule is in the module docstring."""
+    if not wheels:
+        raise ValueError("no wheels to assemble")
+    last = float(wheels[-1].value) % 10.0
+    if config.extended_resolution:
+        position = round(last, 1) % 10.0
+        tenth = int(round((position - math.floor(position)) * 10)) % 10
+    else:
+        position = (last + config.last_wheel_tolerance) % 10.0
+        tenth = None
+    digits = [int(math.floor(position)) % 10]
+    for wheel in reversed(wheels[:-1]):
+        carry = max(0.0, position - 9.0)
+        digit = int(math.floor(float(wheel.value) - carry + 0.5)) % 10
+        digits.append(digit)
+        position = digit + carry
+    digits.reverse()
+    shown = "".join(map(str, digits)) + ("" if tenth is None else str(tenth))
+    decimals = config.decimals + (0 if tenth is None else 1)
+    whole, frac = shown[:len(shown) - decimals] or "0", shown[len(shown) - decimals:]
+    text = f"{int(whole)}" + (f".{frac}" if decimals else "")
+    return Assembled(value=float(text), text=text, digits=tuple(digits))
+
+
+@dataclass(frozen=True)
+class MeterReading:
+    """One frame's reading. `value` is None when the frame was refused; `error` then says why."""
+
+    value: float | None
+    text: str
+    wheels: tuple[Wheel, ...]
+    alignment: Alignment
+    error: str = ""
+    crops: tuple[np.ndarray, ...] = field(default=(), repr=False)
+
+    def positions(self) -> list[float]:
+        """Wheel positions in [0, 10), rounded for display (a model may report 9.999… as 10.0)."""
+        return [round(float(w.value) % 10.0, 2) for w in self.wheels]
+
+    @property
+    def confidence(self) -> float:
+        return min((float(w.confidence) for w in self.wheels), default=0.0)
+
+    def summary(self) -> dict:
+        return {"value": self.value, "text": self.text, "error": self.error,
+                "wheels": self.positions(),
+                "confidence": round(self.confidence, 3), "alignment": self.alignment.summary()}
+
+
+class MeterReader:
+    """A meter's alignment marks, ROIs and digit model: `read(frame)` gives a MeterReading."""
+
+    def __init__(self, config: MeterConfig, model: WheelClassifier):
+        self.config = config
+        self.model = model
+        self.aligner = Aligner(config.alignment)
+
+    @classmethod
+    def from_config(cls, config: MeterConfig) -> "MeterReader":
+        """Load the config's model bundle (hashes verified) and the reference marks."""
+        from device.meter.model import MeterDigitModel
+
+        return cls(config, MeterDigitModel.from_bundle(config.bundle, variant=config.variant, threads=config.threads))
+
+    def read(self, frame: np.ndarray) -> MeterReading:
+        """Align, crop, classify all wheels in one batch, assemble. Never raises for a bad frame: it refuses."""
+        frame = check_image(frame, "frame")
+        if frame.ndim == 2:
+            frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+        alignment = self.aligner.align(frame)
+        if not alignment.ok:
+            return MeterReading(None, "", (), alignment, f"alignment refused: {alignment.reason}")
+        outside = [self.config.digits[i].name or f"#{i + 1}"
+                   for i in self.aligner.outside(frame, alignment, self.config.digits)]
+        if outside:
+            return MeterReading(None, "", (), alignment, f"alignment refused: digit ROI {', '.join(outside)} "
+                                                         "falls outside the frame")
+        crops = tuple(self.aligner.crop(frame, alignment, roi) for roi in self.config.digits)
+        wheels = tuple(self.model.classify(list(crops)))
+        unsure = [f"#{i + 1} ({w.confidence:.2f})" for i, w in enumerate(wheels)
+                  if w.confidence < self.config.reading.min_confidence]
+        if unsure:
+            return MeterReading(None, "", wheels, alignment, f"digit model unsure of wheel {', '.join(unsure)} "
+                                f"< min_confidence {self.config.reading.min_confidence}", crops)
+        result = assemble(wheels, self.config.reading)
+        return MeterReading(result.value, result.text, wheels, alignment, "", crops)

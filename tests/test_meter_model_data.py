@@ -1,0 +1,90 @@
+"""The meter crop loader on the real collection: labels, groups, deduplication, and a leak-free split."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.datasets import DataNotFoundError
+from training.datasets.meter import (
+    SPLITS,
+    TEST_GROUPS,
+    VALIDATION_GROUPS,
+    folder_group,
+    load_meter_digits,
+    parse_label,
+)
+from training.meter import is_whole
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir: Path):
+    return load_meter_digits(data_dir)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("7.9_ab12.jpg", 7.9), ("0.0_x.jpg", 0.0), ("9.9_0.0_main_dig6_20220602-045722.jpg", 9.9),
+    ("3_0073cd07.jpg", 3.0), ("0_abc.jpg", 0.0),  # LCD groups: bare whole digits
+])
+def test_labels_are_wheel_positions(name: str, value: float) -> None:
+    assert parse_label(name) == pytest.approx(value)
+
+
+def test_not_a_digit_class_and_stray_names() -> None:
+    assert parse_label("10_91ca606e.jpg") is None
+    for bad in ("x_1.jpg", "12.3_a.jpg", "7.95_a.jpg", "readme.jpg"):
+        with pytest.raises(ValueError, match="digit label"):
+            parse_label(bad)
+
+
+def test_time_folders_are_one_meter() -> None:
+    assert folder_group(Path("gasmeter/GMT/iotson/20220516/07/3.4_x.jpg")) == "gasmeter/GMT/iotson"
+    assert folder_group(Path("powermeter/ISKRA.T3F-01S1_20250630/20250630_manual/1.0_x.jpg")) == \
+        "powermeter/ISKRA.T3F-01S1_20250630"
+    assert folder_group(Path("watermeter/Unknown/iotson/watermeter2/20220519/18/1.2_x.jpg")) == \
+        "watermeter/Unknown/iotson/watermeter2"
+    assert folder_group(Path("new/1.0_x.jpg")) == "new"
+
+
+def test_split_is_by_group_and_leak_free(dataset) -> None:
+    groups = {name: set(dataset.splits[name].groups) for name in SPLITS}
+    assert groups["test"] == set(TEST_GROUPS) and groups["validation"] == set(VALIDATION_GROUPS)
+    assert not groups["train"] & groups["test"] and not groups["train"] & groups["validation"]
+    assert not groups["test"] & groups["validation"]
+    # No byte-identical image on two sides, even where the collection holds copies under other names.
+    hashes = {name: {hashlib.sha1((dataset.root / p).read_bytes()).hexdigest() for p in dataset.splits[name].paths}
+              for name in SPLITS}
+    assert not hashes["train"] & hashes["test"] and not hashes["train"] & hashes["validation"]
+    sizes = {name: len(dataset.splits[name]) for name in SPLITS}
+    assert sum(sizes.values()) + dataset.duplicates + dataset.not_a_digit == 16521  # every file accounted for
+    assert sizes["test"] > 1500 and sizes["train"] > 10000
+
+
+def test_copies_under_other_names_are_merged_into_one_meter(dataset) -> None:
+    assert "powermeter/ISKRA T3F-01S1" in dataset.merged["powermeter/ISKRA.T3F-01S1_20250630"]
+    assert {"lcd", "watermeter/Metrona/warm"} <= set(dataset.merged["watermeter/Metrona/cold"])
+    all_groups = {g for crops in dataset.splits.values() for g in crops.groups}
+    assert "powermeter/ISKRA T3F-01S1" not in all_groups and "lcd" not in all_groups
+
+
+def test_lcd_bare_integers_are_whole_digits(dataset) -> None:
+    test = dataset.splits["test"]
+    lcd = np.array([g == "lcd/lcd_pb" for g in test.groups])
+    values = test.labels[lcd]
+    assert lcd.sum() > 100 and is_whole(values).all()
+    assert set(np.round(values).astype(int)) == set(range(10))
+    assert all(parse_label(Path(p).name) == v for p, v in zip(np.array(test.paths)[lcd], values))
+
+
+def test_images_are_bgr_crops_and_rolling_labels_exist(dataset) -> None:
+    test = dataset.splits["test"]
+    assert all(im.ndim == 3 and im.shape[2] == 3 and im.dtype == np.uint8 for im in test.images)
+    assert (~is_whole(test.labels)).sum() > 1000  # rolling wheels are the bulk of the test set
+
+
+def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="--data-dir"):
+        load_meter_digits(tmp_path)

@@ -1,0 +1,102 @@
+"""The device side of the meter digit model: preprocessing, decoding of wheel positions, the classify API.
+
+Runs the shipped bundle through LiteRT on real crops of the held-out test meters, as a device would.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.bundle import BundleError
+from device.images import ImageError, load_image
+from device.meter.model import (
+    CLASSES,
+    METER_SPEC,
+    MeterDigitModel,
+    WheelReading,
+    circular_distance,
+    crop_to_input,
+    decode,
+    reading,
+)
+from training.datasets.meter import meter_root
+
+
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> MeterDigitModel:
+    return MeterDigitModel.from_bundle(models_dir / "meter-digits")
+
+
+def test_crop_to_input_takes_any_size_bgr_or_grey() -> None:
+    rng = np.random.default_rng(0)
+    for shape in [(182, 101, 3), (15, 34, 3), (42, 23), (64, 38, 4)]:
+        x = crop_to_input(rng.integers(0, 256, shape, dtype=np.uint8))
+        assert x.shape == (*METER_SPEC["size"], 3) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+    bgr = np.zeros((32, 20, 3), np.uint8)
+    bgr[..., 2] = 255  # pure red in OpenCV's BGR order
+    assert crop_to_input(bgr)[..., 0].min() == pytest.approx(1.0)  # becomes channel 0 of RGB
+
+
+@pytest.mark.parametrize("bad, message", [(np.zeros((0, 5, 3), np.uint8), "empty"),
+                                          (np.zeros((2, 2, 3), np.uint8), "too small"),
+                                          (np.zeros((30, 20, 3), np.float32), "pixel type"),
+                                          ("not an array", "not an image")])
+def test_bad_crops_give_clear_errors(bad, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        crop_to_input(bad)
+
+
+def test_positions_are_circular() -> None:
+    assert circular_distance(9.9, 0.0) == pytest.approx(0.1)
+    assert circular_distance(0.2, 9.8) == pytest.approx(0.4)
+    assert circular_distance(3.0, 8.0) == pytest.approx(5.0)
+    p = np.zeros((2, CLASSES))
+    p[0, [99, 0]] = 0.5  # between 9.9 and 0.0: the mean must wrap, not land at 5.0
+    p[1, [72, 73]] = [0.25, 0.75]
+    values, confidence = decode(p)
+    assert circular_distance(values[0], 9.95) == pytest.approx(0.0, abs=1e-9)
+    assert values[1] == pytest.approx(7.275)
+    assert confidence.tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("value, digit, rolling", [(7.0, 7, False), (6.9, 7, False), (9.95, 0, False),
+                                                   (7.5, 7, True), (7.2, 7, True), (9.8, 9, True),
+                                                   (0.1, 0, False), (9.9996, 0, False)])
+def test_digit_and_rolling_follow_the_position(value: float, digit: int, rolling: bool) -> None:
+    r = reading(value, 0.9)
+    assert (r.digit, r.rolling) == (digit, rolling)
+    assert 0.0 <= r.value < 10.0
+
+
+def test_classify_real_crops_of_unseen_meters(model: MeterDigitModel, data_dir: Path) -> None:
+    root = meter_root(data_dir)
+    files = sorted((root / "watermeter" / "Wasser_Geraete_GmbH").glob("*.jpg"))[::40]
+    readings = model.classify([load_image(f) for f in files])
+    assert len(readings) == len(files) > 5 and all(isinstance(r, WheelReading) for r in readings)
+    labels = np.array([float(f.name.split("_")[0]) for f in files])
+    values = np.array([r.value for r in readings])
+    assert np.mean(circular_distance(values, labels) <= 0.2 + 1e-6) >= 0.8
+    assert all(0.0 <= r.confidence <= 1.0 for r in readings)
+    assert model.classify([]) == []
+
+
+def test_float_variant_and_threads(models_dir: Path) -> None:
+    reader = MeterDigitModel.from_bundle(models_dir / "meter-digits", variant="float", threads=1)
+    assert reader.model.input_dtype == np.float32
+    assert len(reader.classify([np.full((40, 24, 3), 128, np.uint8)])) == 1
+
+
+def test_other_bundles_are_refused(models_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "meter"
+    shutil.copytree(models_dir / "meter-digits", copy)
+    manifest = (copy / "manifest.json").read_text().replace('"task": "meter-digit-position"', '"task": "digits"')
+    (copy / "manifest.json").write_text(manifest)
+    with pytest.raises(BundleError, match="not a meter digit model"):
+        MeterDigitModel.from_bundle(copy)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        MeterDigitModel.from_bundle(tmp_path)

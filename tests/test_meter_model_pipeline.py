@@ -1,0 +1,67 @@
+"""A small real run of the meter host path through the command lines: train → convert → gate → bundle.
+
+Training is 2 epochs on 1,500 real training crops (far too little to read meters well: this checks
+the machinery, not the accuracy, which the regression tests check on the shipped bundle); conversion,
+calibration and the gate are the real ones, evaluated on 300 random crops of the held-out test meters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from device.bundle import Bundle
+from device.meter.model import MeterDigitModel
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("meter-train")
+    result = run_cli("-m", "training", "meter", "--data-dir", str(data_dir), "--out", str(out),
+                     "--epochs", "2", "--subset", "1500")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch  2/2" in result.stdout and "validation" in result.stdout  # progress is shown
+    return out / "model.keras"
+
+
+def test_train_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> None:
+    info = json.loads(trained.with_name("train_info.json").read_text())
+    assert info["train_images"] == 1500 and info["task"] == "meter-digits"
+    assert set(info["split"]["test_groups"]).isdisjoint(info["split"]["train_groups"])
+    out = tmp_path / "meter-digits"
+    result = run_cli("-m", "converter", "meter", "--data-dir", str(data_dir), "--model", str(trained),
+                     "--out", str(out), "--representative", "100", "--test-limit", "300")
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    written = out if result.returncode == 0 else tmp_path / "meter-digits.rejected"
+    bundle = Bundle.load(written)
+    manifest = bundle.manifest
+    assert manifest["gate"]["passed"] is (result.returncode == 0)
+    assert manifest["evaluation"] == {**manifest["evaluation"], "n": 300, "limited_to": 300}
+    assert manifest["calibration"]["samples"] == 100
+    metrics = manifest["metrics"]
+    assert metrics["int8"]["n_whole"] + metrics["int8"]["n_rolling"] == 300
+    # Float TFLite is the Keras model exactly; the gate's drop is the int8 vs float whole-digit accuracy.
+    assert metrics["float"]["whole_digit_accuracy"] == pytest.approx(metrics["keras_float"]["whole_digit_accuracy"])
+    drop = 100 * (metrics["float"]["whole_digit_accuracy"] - metrics["int8"]["whole_digit_accuracy"])
+    assert manifest["gate"]["drop_pp"] == pytest.approx(drop)
+    assert manifest["gate"]["passed"] is (drop <= 0.5 + 1e-9)
+    report = (written / "report.md").read_text()
+    assert "Per test meter" in report and "rolling ±0.2" in report
+    reader = MeterDigitModel.from_bundle(written)
+    (r,) = reader.classify([np.full((42, 23, 3), 200, np.uint8)])
+    assert 0.0 <= r.value < 10.0
+
+
+def test_cli_help_and_clear_errors(tmp_path: Path) -> None:
+    for package in ("training", "converter"):
+        help_text = run_cli("-m", package, "meter", "--help").stdout
+        assert "--data-dir" in help_text and "meter" in help_text
+    missing = run_cli("-m", "training", "meter", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "meter digit crops not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    no_model = run_cli("-m", "converter", "meter", "--model", str(tmp_path / "none.keras"))
+    assert no_model.returncode == 2 and "train it first" in no_model.stderr

@@ -1,0 +1,70 @@
+"""Accuracy regression of the SHIPPED meter-digits bundle on the held-out test meters.
+
+Both models run through the device runtime (LiteRT) on every crop of the test groups, meters the
+model never saw in training, exactly as the converter measured them; the numbers must reproduce the
+manifest's, int8 must stay within the gate of float and reach the issue's aims.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from converter.meter import AIMS
+from device.bundle import Bundle
+from device.meter.model import TASK, decode
+from device.runtime import Model
+from training.datasets.meter import TEST_GROUPS, VALIDATION_GROUPS, load_meter_digits
+from training.meter import evaluate, inputs
+
+
+@pytest.fixture(scope="module")
+def measured(models_dir: Path, data_dir: Path) -> dict:
+    bundle = Bundle.load(models_dir / "meter-digits")  # verifies every sha256 in the manifest
+    test = load_meter_digits(data_dir, splits=("test",)).splits["test"]
+    x = inputs(test.images)
+    return {
+        "bundle": bundle,
+        "n": len(test),
+        **{variant: evaluate(decode(Model(bundle.model_path(variant)).predict(x))[0], test.labels, test.groups)
+           for variant in ("float", "int8")},
+    }
+
+
+def test_bundle_describes_task_split_and_preprocessing(measured: dict) -> None:
+    manifest = measured["bundle"].manifest
+    assert manifest["task"] == TASK and len(manifest["labels"]) == 100 and manifest["labels"][79] == "7.9"
+    assert manifest["split"]["test_groups"] == list(TEST_GROUPS)
+    assert manifest["split"]["validation_groups"] == list(VALIDATION_GROUPS)
+    assert not set(manifest["split"]["train_groups"]) & set(TEST_GROUPS)
+    assert manifest["preprocessing"]["size"] == [32, 20] and manifest["preprocessing"]["color"] == "RGB"
+    assert manifest["models"]["int8"]["input"]["dtype"] == "int8"
+    assert manifest["evaluation"]["n"] == measured["n"] and manifest["evaluation"]["limited_to"] is None
+
+
+def test_manifest_metrics_are_what_the_device_measures(measured: dict) -> None:
+    """The manifest's numbers must be reproducible from the shipped files on the real test crops."""
+    recorded = measured["bundle"].manifest["metrics"]
+    for variant in ("float", "int8"):
+        for key in ("whole_digit_accuracy", "rolling_within_0.1", "rolling_within_0.2"):
+            assert recorded[variant][key] == pytest.approx(measured[variant][key], abs=1e-9)
+        assert recorded[variant]["per_group"] == measured[variant]["per_group"]
+    assert set(measured["int8"]["per_group"]) == set(TEST_GROUPS)
+
+
+def test_int8_stays_within_the_gate_of_float(measured: dict) -> None:
+    gate = measured["bundle"].manifest["gate"]
+    assert gate["metric"] == "whole_digit_accuracy" and gate["passed"]
+    drop_pp = 100 * (measured["float"]["whole_digit_accuracy"] - measured["int8"]["whole_digit_accuracy"])
+    assert drop_pp <= gate["max_drop_pp"] == 0.5
+    assert measured["float"]["rolling_within_0.2"] - measured["int8"]["rolling_within_0.2"] <= 0.005
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4's aims are not reached yet on the test meters (numbers in "
+                   "models/meter-digits/report.md): lcd/lcd_pb has blank LCD positions labelled 0 and 7-segment 0/8 "
+                   "mix-ups, watermeter/pp's red-on-dark-red wheels miss ±0.2; strict, so reaching them fails this "
+                   "marker and it must be removed")
+def test_int8_reaches_the_aims_on_unseen_meters(measured: dict) -> None:
+    assert measured["int8"]["whole_digit_accuracy"] >= AIMS["whole_digit_accuracy"]
+    assert measured["int8"]["rolling_within_0.2"] >= AIMS["rolling_within_0.2"]
