@@ -10,12 +10,10 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from converter.edgetpu import check_edgetpu
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import markdown_table, toolchain, write_bundle
+from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
 from converter.tflite import to_float
-from device.bench import latency_ms
 from device.preprocess import MNIST_SPEC, normalize
 from device.runtime import Model
 from training.datasets.mnist import load_mnist
@@ -54,10 +52,7 @@ def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, r
     result = quantize_with_gate(model, calibration, float(np.mean(float_pred == y_test)), top1, gate, io_type, fix)
     int8_pred = score_bytes(result.int8, lambda p: predict_labels(p, x_test, "int8 TFLite (final)"))
     comparison = compare_classifiers(y_test, float_pred, int8_pred, LABELS)
-    edgetpu = score_bytes(result.int8, check_edgetpu)
-    files = {"model_float.tflite": float_bytes, "model_int8.tflite": result.int8}
-    described = {name: score_bytes(b, lambda p: Model(p).describe()) for name, b in files.items()}
-    latency = {name: score_bytes(b, lambda p: latency_ms(Model(p, threads=1))) for name, b in files.items()}
+    pair = model_pair(float_bytes, result.int8, io_type)
 
     metrics = {
         "keras_float_top1": float(np.mean(keras_pred == y_test)),
@@ -65,41 +60,34 @@ def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, r
         "int8_top1": comparison["int8_top1"],
         "comparison": comparison,
     }
-    gate_record = {"metric": gate.metric, "max_drop_pp": gate.max_drop_pp, "drop_pp": comparison["drop_pp"],
-                   "passed": result.passed, "float_ops_kept": result.float_ops, "attempts": result.attempts,
-                   "worst_layers": [vars(w) for w in result.worst[:10]]}
     manifest: dict[str, Any] = {
         "task": "digits-classification",
         "name": out.name,
         "description": "Handwritten digit 0-9 from a 28x28 MNIST-framed grey image",
-        "models": {
-            "float": {"file": "model_float.tflite", "bytes": len(float_bytes), **described["model_float.tflite"]},
-            "int8": {"file": "model_int8.tflite", "bytes": len(result.int8), "io": io_type,
-                     "edgetpu_ready": edgetpu["ready"], **described["model_int8.tflite"]},
-        },
+        "models": pair.models,
         "default_model": "int8",
         "preprocessing": {**MNIST_SPEC, "photo_pipeline": "device.preprocess.mnist_style"},
         "labels": LABELS,
         "thresholds": {},
         "metrics": metrics,
-        "gate": gate_record,
+        "gate": result.record(gate, comparison["drop_pp"]),
         "calibration": {"samples": representative, "source": "MNIST training split", "seed": seed},
         "evaluation": {"data": "MNIST test split", "n": int(len(y_test))},
         "training": {k: v for k, v in train_info.items() if k not in ("data", "toolchain", "preprocessing")},
-        "data": data.source,
+        "data": {"dataset": "MNIST", **{k: v for k, v in data.source.items() if k != "path"}},
         "toolchain": {**train_info.get("toolchain", {}), **toolchain()},
-        "edgetpu": {k: v for k, v in edgetpu.items() if k != "compiler"} | {"compiler_run": edgetpu["compiler"]},
+        "edgetpu": pair.edgetpu,
     }
     summary_rows = [
         ["Keras float", metrics["keras_float_top1"], "-", "-"],
         ["TFLite float32", comparison["float_top1"], f"{len(float_bytes) / 1024:.0f}",
-         f"{latency['model_float.tflite']['median_ms']:.3f}"],
+         f"{pair.latency[FLOAT_FILE]['median_ms']:.3f}"],
         [f"TFLite int8 ({io_type} I/O)", comparison["int8_top1"], f"{len(result.int8) / 1024:.0f}",
-         f"{latency['model_int8.tflite']['median_ms']:.3f}"],
+         f"{pair.latency[INT8_FILE]['median_ms']:.3f}"],
     ]
     summary = markdown_table(["model", "top-1 (10k test)", "size KB", "latency ms (1 thread)"], summary_rows)
-    report_md = _report(manifest, summary, comparison, result.passed, edgetpu)
-    target = write_bundle(out, files, manifest, report_md,
+    report_md = _report(manifest, summary, comparison, result.passed)
+    target = write_bundle(out, pair.files, manifest, report_md,
                           {"summary": summary_rows, **{k: manifest[k] for k in ("metrics", "gate", "edgetpu")}},
                           result.passed)
     print("\n" + summary + "\n")
@@ -112,9 +100,8 @@ def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, r
     return result.passed
 
 
-def _report(manifest: dict[str, Any], summary: str, comparison: dict[str, Any], passed: bool,
-            edgetpu: dict[str, Any]) -> str:
-    gate = manifest["gate"]
+def _report(manifest: dict[str, Any], summary: str, comparison: dict[str, Any], passed: bool) -> str:
+    gate, edgetpu = manifest["gate"], manifest["edgetpu"]
     per_class = markdown_table(
         ["digit", "n", "float", "int8"],
         [[label, v["n"], v["float"], v["int8"]] for label, v in comparison["per_class"].items()],
@@ -135,7 +122,7 @@ def _report(manifest: dict[str, Any], summary: str, comparison: dict[str, Any], 
         f"- Edge TPU ready: **{edgetpu['ready']}**"
         + ("" if edgetpu["ready"] else f"; CPU fallback from op {edgetpu['cpu_from_op']}: "
            + "; ".join(f"{p['op']} ({', '.join(p['reasons'])})" for p in edgetpu["problems"][:5])),
-        f"- edgetpu_compiler: {'not installed' if edgetpu['compiler'] is None else edgetpu['compiler']['returncode']}",
+        f"- edgetpu_compiler: {'not installed' if edgetpu['compiler_run'] is None else edgetpu['compiler_run']['returncode']}",
     ]
     if gate["float_ops_kept"]:
         lines.append(f"- `--fix` kept {', '.join(gate['float_ops_kept'])} in float: not Edge TPU-ready.")

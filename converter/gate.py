@@ -44,6 +44,12 @@ class Quantized:
     def drop_pp(self) -> float:
         return 100 * (self.float_score - self.int8_score)
 
+    def record(self, gate: Gate, drop_pp: float) -> dict:
+        """The manifest's "gate" entry. `drop_pp` is the drop as the task reports it (full evaluation)."""
+        return {"metric": gate.metric, "max_drop_pp": gate.max_drop_pp, "drop_pp": drop_pp, "passed": self.passed,
+                "float_ops_kept": self.float_ops, "attempts": self.attempts,
+                "worst_layers": [vars(w) for w in self.worst[:10]]}
+
 
 def score_bytes(model: bytes, score: Callable[[Path], float]) -> float:
     """Score an in-memory .tflite through a file, as the device runtime loads files."""

@@ -14,12 +14,10 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from converter.edgetpu import check_edgetpu
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import markdown_table, toolchain, write_bundle
+from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
 from converter.tflite import to_float
-from device.bench import latency_ms
 from device.meter.model import CLASSES, METER_SPEC, ROLLING_MARGIN, TASK, MeterDigitModel, batch_latency_ms, decode
 from device.runtime import Model
 from training.datasets.meter import TEST_GROUPS, VALIDATION_GROUPS, load_meter_digits
@@ -78,10 +76,7 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
     int8_values = score_bytes(result.int8, lambda p: predict_positions(p, x_test, "int8 TFLite (final)"))
     comparison = compare_classifiers(true_digits, read_digits(float_values[whole]),
                                      read_digits(int8_values[whole]), DIGITS)
-    edgetpu = score_bytes(result.int8, check_edgetpu)
-    files = {"model_float.tflite": float_bytes, "model_int8.tflite": result.int8}
-    described = {name: score_bytes(b, lambda p: Model(p).describe()) for name, b in files.items()}
-    latency = {name: score_bytes(b, lambda p: latency_ms(Model(p, threads=1))) for name, b in files.items()}
+    pair = model_pair(float_bytes, result.int8, io_type)
 
     metrics = {
         "keras_float": evaluate(keras_values, y_test),
@@ -90,19 +85,12 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
         "whole_digit_comparison": comparison,
         "aims": AIMS,
     }
-    gate_record = {"metric": gate.metric, "max_drop_pp": gate.max_drop_pp, "drop_pp": comparison["drop_pp"],
-                   "passed": result.passed, "float_ops_kept": result.float_ops, "attempts": result.attempts,
-                   "worst_layers": [vars(w) for w in result.worst[:10]]}
     manifest: dict[str, Any] = {
         "task": TASK,
         "name": "meter-digits",
         "description": "Position of one utility-meter digit wheel (or LCD digit) in tenths of a digit, "
                        "from a crop of its window",
-        "models": {
-            "float": {"file": "model_float.tflite", "bytes": len(float_bytes), **described["model_float.tflite"]},
-            "int8": {"file": "model_int8.tflite", "bytes": len(result.int8), "io": io_type,
-                     "edgetpu_ready": edgetpu["ready"], **described["model_int8.tflite"]},
-        },
+        "models": pair.models,
         "default_model": "int8",
         "preprocessing": {**METER_SPEC, "function": "device.meter.model.crop_to_input"},
         "labels": LABELS,
@@ -113,7 +101,7 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
         },
         "thresholds": {"rolling_margin": ROLLING_MARGIN},
         "metrics": metrics,
-        "gate": gate_record,
+        "gate": result.record(gate, comparison["drop_pp"]),
         "split": {
             "rule": "by meter group (folder without date/hour folders; groups sharing identical images merged); "
                     "fixed lists in training/datasets/meter.py",
@@ -129,21 +117,21 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
                        "n_whole": int(whole.sum()), "n_rolling": int((~whole).sum()), "limited_to": test_limit},
         "training": {k: v for k, v in train_info.items() if k not in ("toolchain", "preprocessing", "split")},
         "toolchain": {**train_info.get("toolchain", {}), **toolchain()},
-        "edgetpu": {k: v for k, v in edgetpu.items() if k != "compiler"} | {"compiler_run": edgetpu["compiler"]},
+        "edgetpu": pair.edgetpu,
     }
-    batch = _batch_latency(files)
-    manifest["latency"] = {"single_1_thread": latency, "batch_of_8_crops_1_thread": batch}
+    batch = _batch_latency(pair.files)
+    manifest["latency"] = {"single_1_thread": pair.latency, "batch_of_8_crops_1_thread": batch}
     summary_rows = [
         ["Keras float", *_cells(metrics["keras_float"]), "-", "-", "-"],
         ["TFLite float32", *_cells(metrics["float"]), f"{len(float_bytes) / 1024:.0f}",
-         f"{latency['model_float.tflite']['median_ms']:.3f}", f"{batch['model_float.tflite']['median_ms']:.2f}"],
+         f"{pair.latency[FLOAT_FILE]['median_ms']:.3f}", f"{batch[FLOAT_FILE]['median_ms']:.2f}"],
         [f"TFLite int8 ({io_type} I/O)", *_cells(metrics["int8"]), f"{len(result.int8) / 1024:.0f}",
-         f"{latency['model_int8.tflite']['median_ms']:.3f}", f"{batch['model_int8.tflite']['median_ms']:.2f}"],
+         f"{pair.latency[INT8_FILE]['median_ms']:.3f}", f"{batch[INT8_FILE]['median_ms']:.2f}"],
     ]
     summary = markdown_table(["model", "whole digits", "rolling ±0.1", "rolling ±0.2", "size KB",
                               "ms / crop (1 thread)", "ms / 8 crops"], summary_rows)
     report_md = _report(manifest, summary, result.passed)
-    target = write_bundle(out, files, manifest, report_md,
+    target = write_bundle(out, pair.files, manifest, report_md,
                           {"summary": summary_rows, **{k: manifest[k] for k in ("metrics", "gate", "split")}},
                           result.passed)
     print("\n" + summary + "\n")

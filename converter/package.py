@@ -9,11 +9,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.edgetpu import check_edgetpu
+from converter.gate import score_bytes
+from device.bench import latency_ms
 from device.bundle import write_manifest
-from device.runtime import interpreter_module
+from device.runtime import Model, interpreter_module
+
+FLOAT_FILE = "model_float.tflite"
+INT8_FILE = "model_int8.tflite"
 
 
 def toolchain() -> dict[str, str]:
@@ -29,6 +36,31 @@ def toolchain() -> dict[str, str]:
         "numpy": np.__version__,
         "interpreter": litert.__name__,
     }
+
+
+@dataclass
+class ModelPair:
+    """A bundle's float and int8 model files, described as every manifest records them."""
+
+    files: dict[str, bytes]  # file name → contents
+    models: dict[str, Any]  # the manifest's "models" entry
+    edgetpu: dict[str, Any]  # the int8 model's Edge TPU check, as the manifest's "edgetpu" entry
+    latency: dict[str, dict[str, float]]  # file name → single-thread latency (median, p90 ms)
+
+
+def model_pair(float_bytes: bytes, int8_bytes: bytes, io_type: str) -> ModelPair:
+    """Describe, check and time a float + int8 pair through the device runtime."""
+    files = {FLOAT_FILE: float_bytes, INT8_FILE: int8_bytes}
+    described = {name: score_bytes(b, lambda p: Model(p).describe()) for name, b in files.items()}
+    latency = {name: score_bytes(b, lambda p: latency_ms(Model(p, threads=1))) for name, b in files.items()}
+    check = score_bytes(int8_bytes, check_edgetpu)
+    models = {
+        "float": {"file": FLOAT_FILE, "bytes": len(float_bytes), **described[FLOAT_FILE]},
+        "int8": {"file": INT8_FILE, "bytes": len(int8_bytes), "io": io_type, "edgetpu_ready": check["ready"],
+                 **described[INT8_FILE]},
+    }
+    edgetpu = {k: v for k, v in check.items() if k != "compiler"} | {"compiler_run": check["compiler"]}
+    return ModelPair(files=files, models=models, edgetpu=edgetpu, latency=latency)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -11,7 +11,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from device.bundle import MANIFEST_NAME, Bundle
 from device.meter.bench import bench_reader
 from device.meter.model import bench_meter
 from device.runtime import Model, interpreter_module
+from device.timing import time_ms
 
 _MEMORY_PROBE = """
 import resource, sys, numpy as np
@@ -36,14 +36,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def latency_ms(model: Model, runs: int = 200, warmup: int = 20) -> dict[str, float]:
     """Median and 90th percentile of one inference (set input, invoke, read output), in ms."""
     x = np.random.default_rng(0).uniform(0, 1, model.input_shape[1:]).astype(np.float32)
-    for _ in range(warmup):
-        model.run(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.run(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+    return time_ms(lambda: model.run(x), runs, warmup)
 
 
 def peak_memory_mb(path: Path, threads: int) -> float:

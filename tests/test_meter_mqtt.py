@@ -21,26 +21,15 @@ from typing import Any, Iterator
 
 import paho.mqtt.client as paho
 import pytest
-from test_meter_reader import compose_meter, cover_marks, crop_picker
+from test_meter_reader import compose_meter, cover_marks, model, pick  # noqa: F401 (fixtures)
 
 from device.meter.compose import distort
 from device.meter.config import load_config
 from device.meter.history import History
-from device.meter.model import MeterDigitModel
 from device.meter.reader import MeterReader
 from device.meter.service import MeterService
 
 LABELS = ("0.0", "4.0", "4.9", "9.5", "9.7")  # reads 4499
-
-
-@pytest.fixture(scope="module")
-def model(models_dir: Path) -> MeterDigitModel:
-    return MeterDigitModel.from_bundle(models_dir / "meter-digits", variant="int8", threads=1)
-
-
-@pytest.fixture(scope="module")
-def pick(model: MeterDigitModel, data_dir: Path):
-    return crop_picker(model, data_dir)
 
 
 def _free_port() -> int:

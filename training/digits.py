@@ -151,7 +151,7 @@ def train(
         "train_images": len(x_train),
         "train_seconds": round(seconds, 1),
         "keras_test_accuracy": float(test_accuracy),
-        "data": data.source,
+        "data": {k: v for k, v in data.source.items() if k != "path"},
         "preprocessing": MNIST_SPEC,
         "toolchain": toolchain_versions(),
     }

@@ -18,7 +18,7 @@ from keras import layers
 
 from device.meter.model import CLASSES, METER_SPEC, circular_distance, crop_to_input, decode
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
-from training.datasets.meter import TEST_GROUPS, VALIDATION_GROUPS, MeterCrops, load_meter_digits
+from training.datasets.meter import SUBDIR, TEST_GROUPS, VALIDATION_GROUPS, MeterCrops, load_meter_digits
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation: what differs between meters and between photos of one meter. Applied to the raw
@@ -254,7 +254,7 @@ def train(out: Path, epochs: int = 30, batch: int = 64, width: int = 24, data_di
         "split": {"rule": "by meter group, fixed lists in training/datasets/meter.py",
                   "train_groups": sorted(set(train_crops.groups)), "validation_groups": list(VALIDATION_GROUPS),
                   "test_groups": list(TEST_GROUPS)},
-        "data": {"root": str(data.root), "duplicates_dropped": data.duplicates,
+        "data": {"folder": SUBDIR.as_posix(), "duplicates_dropped": data.duplicates,
                  "not_a_digit_dropped": data.not_a_digit, "merged_groups": data.merged},
         "preprocessing": METER_SPEC,
         "toolchain": toolchain_versions(),

@@ -12,7 +12,6 @@ was trained.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from device.bundle import Bundle, BundleError
 from device.images import ImageError, check_image
 from device.preprocess import normalize
 from device.runtime import Model, ModelError
+from device.timing import time_ms
 
 TASK = "meter-digit-position"
 CLASSES = 100  # wheel positions in tenths of a digit: class k is position k / 10
@@ -151,14 +151,7 @@ def batch_latency_ms(model: MeterDigitModel, batch: int = 8, crop_size: tuple[in
     """
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (*crop_size, 3), dtype=np.uint8) for _ in range(batch)]
-    for _ in range(warmup):
-        model.classify(crops)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.classify(crops)
-        times.append((time.perf_counter() - start) * 1000)
-    return {"batch": batch, "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+    return {"batch": batch, **time_ms(lambda: model.classify(crops), runs, warmup)}
 
 
 def bench_meter(bundles: list[Path], runs: int = 50, threads: tuple[int, ...] = (1, 2)) -> tuple[list[dict], str]:
