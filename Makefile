@@ -12,8 +12,9 @@ export PYTHONUNBUFFERED := 1
 # Each task adds its own quantize-<task> target to this list.
 QUANTIZE_TARGETS := quantize-digits
 QUANTIZE_TARGETS += quantize-meter
+QUANTIZE_TARGETS += quantize-face
 
-.PHONY: env quantize test bench clean deploy $(QUANTIZE_TARGETS)
+.PHONY: env quantize test bench clean deploy face-recipes $(QUANTIZE_TARGETS)
 
 env: $(VENV)/.installed
 
@@ -37,11 +38,27 @@ quantize-meter: env
 	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter --with-validation
 	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
 
+# Face embedder distilled from dlib's ResNet. The teacher (host extra `teacher`: dlib compiles from source,
+# ~10-15 min once) is installed on first use; its embeddings are cached in build/face/teacher.
+$(VENV)/.teacher: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[host,device,dev,teacher]'
+	touch $@
+
+quantize-face: env $(VENV)/.teacher
+	$(PY) -m training face --data-dir $(DATA_DIR) --out $(BUILD)/face/model
+	$(PY) -m converter face --data-dir $(DATA_DIR) --model $(BUILD)/face/model/model.keras --out models/face
+
+# Optional: the recipe comparison table quoted in models/face/report.md (short runs, ~2 min each per epoch).
+face-recipes: env $(VENV)/.teacher
+	$(PY) -m training face --data-dir $(DATA_DIR) --out $(BUILD)/face/recipes --epochs 4 \
+		--compare triplet,cosface,distill,simmatch,distill+triplet,distill+cosface,distill+simmatch+triplet
+
 test: env
 	EDGE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
 
-bench: env
+bench: env $(VENV)/.teacher
 	$(PY) -m device bench --models models --out models/benchmarks
+	$(PY) -m training.face.bench --data-dir $(DATA_DIR) --out models/face-bench
 	$(PY) -m device.doorlock bench --source $(DATA_DIR)/faces/scenes --out models/doorlock-bench
 
 # Door lock on a Raspberry Pi over ssh: make deploy PI=user@host (see README, "Door lock").

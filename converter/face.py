@@ -1,0 +1,263 @@
+"""Face embedder: Keras → float and int8 TFLite → verification gate on the evaluation pairs → bundle.
+
+Everything is measured through the device runtime (`device.runtime.Model` + `device.face.face_input`),
+on the official LFW pairs of the evaluation folds, whose identities never reached training. The match
+thresholds are calibrated per model variant, so the int8 model on the device uses int8 thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from converter.gate import Gate, quantize_with_gate, score_bytes
+from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
+from converter.tflite import to_float
+from device.bundle import sha256_file
+from device.face import FACE_SPEC, unit
+from device.runtime import Model
+from training.datasets.lfw import find_pairs_file, load_faces
+from training.face.data import pair_images, student_inputs
+from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
+from training.face.train import load_lfw
+from training.teacher import TeacherCache, load_teacher, teacher_available, teacher_embeddings, teacher_model_bytes
+
+FAR_STRICT = 0.001
+
+
+def embed_file(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
+    """Unit embeddings of a .tflite through the device runtime, as `FaceEmbedder.embed` computes them."""
+    raw = Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=5))
+    return np.stack([unit(v) for v in raw])
+
+
+def impostor_distances(embeddings: np.ndarray, identities: np.ndarray) -> np.ndarray:
+    """Distances of every pair of images of different people (millions: a FAR of 0.1% needs many impostors)."""
+    cosine = embeddings @ embeddings.T
+    upper = np.triu(np.ones(cosine.shape, dtype=bool), k=1) & (identities[:, None] != identities[None, :])
+    return np.sqrt(np.maximum(2.0 - 2.0 * cosine[upper], 0.0))
+
+
+class PairSet:
+    """Evaluation pairs and their distinct images, with helpers to score any embedding of those images."""
+
+    def __init__(self, pairs: list, keys: list[str]):
+        self.pairs = pairs
+        self.keys = keys
+        self.same = np.array([p.same for p in pairs])
+        self.folds = np.array([p.fold for p in pairs])
+        self.identities = np.array([k.rsplit("_", 1)[0] for k in keys])
+
+    def distances(self, embeddings: np.ndarray) -> np.ndarray:
+        return pair_distances(dict(zip(self.keys, embeddings)), [p.keys() for p in self.pairs])
+
+    def report(self, embeddings: np.ndarray) -> dict[str, Any]:
+        return verification_report(self.distances(embeddings), self.same, self.folds)
+
+    def thresholds(self, embeddings: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+        """Distance thresholds calibrated on this model's embeddings, and what they give on the pairs.
+
+        far_0.1pct: accepts at most 0.1% of all impostor pairs among the evaluation images (millions of
+        pairs, so the estimate is stable); best_accuracy: the accuracy-maximising threshold on all pairs.
+        """
+        distances = self.distances(embeddings)
+        impostors = impostor_distances(embeddings, self.identities)
+        strict = threshold_at_far(impostors, FAR_STRICT)
+        best, accuracy = best_threshold(distances, self.same)
+        details = {
+            "far_0.1pct": {"threshold": strict, "impostor_pairs": int(len(impostors)),
+                           "far_all_impostors": float(np.mean(impostors <= strict)),
+                           "tar_on_pairs": float(np.mean(distances[self.same] <= strict)),
+                           "far_on_pairs": float(np.mean(distances[~self.same] <= strict))},
+            "best_accuracy": {"threshold": best, "accuracy_on_pairs": accuracy,
+                              "far_all_impostors": float(np.mean(impostors <= best))},
+        }
+        return {"far_0.1pct": strict, "best_accuracy": best}, details
+
+
+def nearest_neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of images whose nearest other image is the same under both embeddings."""
+    def nearest(e: np.ndarray) -> np.ndarray:
+        similarity = e @ e.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.argmax(axis=1)
+
+    return float(np.mean(nearest(a) == nearest(b)))
+
+
+def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
+    """Teacher embeddings of the evaluation images (cached), or None where dlib and the cache are missing."""
+    try:
+        if teacher_available():
+            teacher = load_teacher()
+            return teacher_embeddings(crops, TeacherCache(cache_dir, teacher.model_digest), teacher.embed,
+                                      desc="teacher (eval)")
+        return teacher_embeddings(crops, TeacherCache.existing(cache_dir), None)
+    except RuntimeError as exc:
+        print(f"teacher not measured: {exc}", flush=True)
+        return None
+
+
+def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 400,
+                  max_drop_pp: float = 0.5, io_type: str = "int8", fix: bool = False, seed: int = 0,
+                  cache_dir: Path = Path("build/face/teacher"), recipes: Path | None = None,
+                  teacher: bool = True) -> bool:
+    """Build the face bundle; returns whether int8 passed the gate (the CLI turns False into exit 1)."""
+    model = keras.saving.load_model(keras_path)
+    train_info_path = Path(keras_path).with_name("train_info.json")
+    train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    people, split = load_lfw(data_dir)
+    rng = np.random.default_rng(seed)
+    train_paths = [path for name in split.train_people for path in people[name].values()]
+    chosen = rng.choice(len(train_paths), min(representative, len(train_paths)), replace=False)
+    calibration = student_inputs(load_faces([train_paths[i] for i in sorted(chosen)], progress=False), FACE_SPEC)
+    keys, crops = pair_images(split.eval_pairs, people)
+    pairs = PairSet(split.eval_pairs, keys)
+    x_eval = student_inputs(crops, FACE_SPEC)
+    print(f"evaluation: folds {list(split.eval_folds)}, {len(pairs.pairs):,} pairs "
+          f"({split.missing_pairs} lack an image), {len(keys):,} images of {len(set(pairs.identities)):,} people",
+          flush=True)
+
+    keras_report = pairs.report(np.stack([unit(v) for v in model.predict(x_eval, batch_size=256, verbose=0)]))
+    print("converting to float32 TFLite …", flush=True)
+    float_bytes = to_float(model)
+    float_emb = score_bytes(float_bytes, lambda p: embed_file(p, x_eval, "float TFLite"))
+    float_report = pairs.report(float_emb)
+
+    def accuracy(path: Path) -> float:
+        return pairs.report(embed_file(path, x_eval, "int8 TFLite"))["accuracy_mean"]
+
+    print(f"calibrating int8 on {len(calibration)} crops of training identities and checking the gate …", flush=True)
+    gate = Gate(metric="lfw_verification_accuracy", max_drop_pp=max_drop_pp)
+    result = quantize_with_gate(model, calibration, float_report["accuracy_mean"], accuracy, gate, io_type, fix)
+    int8_emb = score_bytes(result.int8, lambda p: embed_file(p, x_eval, "int8 TFLite (final)"))
+    int8_report = pairs.report(int8_emb)
+    cosine = np.sum(float_emb * int8_emb, axis=1)
+    agreement = {"mean_cosine_int8_vs_float": float(cosine.mean()), "min_cosine_int8_vs_float": float(cosine.min()),
+                 "nearest_neighbour_agreement": nearest_neighbour_agreement(float_emb, int8_emb)}
+    teacher_emb = teacher_on_pairs(crops, cache_dir) if teacher else None
+    teacher_report = pairs.report(teacher_emb) if teacher_emb is not None else None
+
+    thresholds, threshold_details = {}, {}
+    for variant, emb in (("float", float_emb), ("int8", int8_emb)):
+        thresholds[variant], threshold_details[variant] = pairs.thresholds(emb)
+    pair = model_pair(float_bytes, result.int8, io_type)
+    for variant in ("float", "int8"):
+        pair.models[variant]["thresholds"] = thresholds[variant]
+    recipe_rows = json.loads(recipes.read_text()) if recipes and recipes.is_file() else []
+
+    metrics = {"keras_float": keras_report, "float": float_report, "int8": int8_report, "teacher": teacher_report,
+               "int8_vs_float": agreement}
+    drop_pp = 100 * (float_report["accuracy_mean"] - int8_report["accuracy_mean"])
+    manifest: dict[str, Any] = {
+        "task": "face-embedding",
+        "name": "face",
+        "description": "128-D unit face embedding of a 128x128 grey face crop (device.face.crop_face of a Haar box); "
+                       "same person when the Euclidean distance is <= a threshold",
+        "models": pair.models,
+        "default_model": "int8",
+        "preprocessing": FACE_SPEC,
+        "labels": [],
+        "thresholds": thresholds["int8"],
+        "threshold_calibration": threshold_details,
+        "metrics": metrics,
+        "gate": result.record(gate, drop_pp),
+        "calibration": {"samples": int(len(calibration)), "source": "original crops of training identities",
+                        "seed": seed},
+        "evaluation": {"data": "LFW View 2 pairs (lfw-crop-gray-128)",
+                       "pairs_sha256": sha256_file(find_pairs_file(data_dir)), "folds": list(split.eval_folds),
+                       "pairs": len(pairs.pairs), "pairs_missing_image": split.missing_pairs,
+                       "images": len(keys), "split": split.describe()},
+        "training": {k: v for k, v in train_info.items() if k not in ("toolchain", "preprocessing", "split")},
+        "recipes": recipe_rows,
+        "toolchain": {**train_info.get("toolchain", {}), **toolchain()},
+        "edgetpu": pair.edgetpu,
+    }
+    side_by_side = _side_by_side(metrics, {"float": len(float_bytes), "int8": len(result.int8)}, pair.latency)
+    report_md = _report(manifest, side_by_side, recipe_rows, result.passed)
+    target = write_bundle(out, pair.files, manifest, report_md,
+                          {"summary": side_by_side, **{k: manifest[k] for k in ("metrics", "gate", "thresholds")}},
+                          result.passed)
+    print("\n" + side_by_side + "\n")
+    print(f"gate {'PASSED' if result.passed else 'FAILED'}: int8 accuracy drop {drop_pp:+.2f} pp (limit {max_drop_pp} pp); "
+          f"cosine int8 vs float {agreement['mean_cosine_int8_vs_float']:.4f}, nearest-neighbour agreement "
+          f"{agreement['nearest_neighbour_agreement']:.2%}")
+    print(f"int8 thresholds: {thresholds['int8']}")
+    print(f"bundle written to {target} (report: {target / 'report.md'})")
+    return result.passed
+
+
+def _row(name: str, r: dict[str, Any] | None, size: str, ms: str) -> list[Any]:
+    if r is None:
+        return [name, "not measured (no dlib / --no-teacher)", "-", "-", "-", "-", size, ms]
+    return [name, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", f"{r['auc']:.4f}",
+            f"{100 * r['tar_far_1pct']:.1f}", f"{100 * r['tar_far_0.1pct']:.1f}", r["pairs"], size, ms]
+
+
+def _side_by_side(metrics: dict[str, Any], sizes: dict[str, int], latency: dict[str, dict[str, float]]) -> str:
+    teacher_kb = teacher_model_bytes() / 1024 if teacher_available() else None
+    rows = [
+        _row("teacher: dlib ResNet + 5-pt aligner (host)", metrics["teacher"],
+             f"{teacher_kb:,.0f} KB" if teacher_kb else "-", "see models/face-bench.md"),
+        _row("Keras float (student)", metrics["keras_float"], "-", "-"),
+        _row("TFLite float32", metrics["float"], f"{sizes['float'] / 1024:.0f} KB",
+             f"{latency[FLOAT_FILE]['median_ms']:.2f}"),
+        _row("TFLite int8", metrics["int8"], f"{sizes['int8'] / 1024:.0f} KB",
+             f"{latency[INT8_FILE]['median_ms']:.2f}"),
+    ]
+    return markdown_table(["model", "accuracy % (mean ± std over folds)", "ROC AUC", "TAR@FAR1% %",
+                           "TAR@FAR0.1% %", "pairs", "size", "latency ms (1 thread)"], rows)
+
+
+def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str, Any]], passed: bool) -> str:
+    gate, agreement = manifest["gate"], manifest["metrics"]["int8_vs_float"]
+    calibration = manifest["threshold_calibration"]
+    lines = [
+        "# Face embedder bundle report",
+        "",
+        f"Gate: **{'PASSED' if passed else 'FAILED'}** — LFW verification accuracy drop int8 vs float "
+        f"{gate['drop_pp']:+.2f} pp (limit {gate['max_drop_pp']} pp), measured through the device runtime on the "
+        f"{manifest['evaluation']['pairs']:,} official pairs of folds {manifest['evaluation']['folds']} "
+        "(identities never used in training, validation or calibration).",
+        "",
+        side_by_side,
+        "",
+        "Accuracy: threshold chosen on the other evaluation folds, mean ± std over the folds. TAR at FAR: "
+        "threshold accepting at most that share of the different-person pairs (no interpolation).",
+        "",
+        f"- int8 vs float: mean cosine {agreement['mean_cosine_int8_vs_float']:.4f} (min "
+        f"{agreement['min_cosine_int8_vs_float']:.4f}), nearest-neighbour agreement "
+        f"{agreement['nearest_neighbour_agreement']:.2%} over {manifest['evaluation']['images']:,} images.",
+        f"- Training: {manifest['training'].get('arch', '?')} architecture, recipe "
+        f"{manifest['training'].get('recipe', '?')}, {manifest['training'].get('parameters', '?')} parameters, "
+        f"{manifest['training'].get('macs', '?')} MACs.",
+        f"- Edge TPU ready: **{manifest['edgetpu']['ready']}**",
+        "",
+        "## Thresholds (Euclidean distance between unit embeddings; accept when distance <= threshold)",
+        "",
+        markdown_table(
+            ["variant", "far_0.1pct", "FAR on all impostor pairs", "TAR on pairs", "best_accuracy", "accuracy on pairs"],
+            [[v, c["far_0.1pct"]["threshold"], f"{100 * c['far_0.1pct']['far_all_impostors']:.3f}% of "
+              f"{c['far_0.1pct']['impostor_pairs']:,}", f"{100 * c['far_0.1pct']['tar_on_pairs']:.1f}%",
+              c["best_accuracy"]["threshold"], f"{100 * c['best_accuracy']['accuracy_on_pairs']:.2f}%"]
+             for v, c in calibration.items()]),
+    ]
+    if recipes:
+        lines += ["", "## Training recipes (short runs on the same split, same training subset and budget; "
+                  "Keras float on the evaluation pairs)", "",
+                  markdown_table(["recipe", "arch", "epochs", "val acc %", "eval acc %", "AUC", "TAR@FAR1% %",
+                                  "TAR@FAR0.1% %", "pairs", "train s"],
+                                 [[r["recipe"], r["arch"], r["epochs"], f"{100 * r['validation_accuracy']:.1f}",
+                                   f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", r["auc"],
+                                   f"{100 * r['tar_far_1pct']:.1f}", f"{100 * r['tar_far_0.1pct']:.1f}", r["pairs"],
+                                   f"{r['seconds']:.0f}"] for r in recipes])]
+    if gate["worst_layers"]:
+        lines += ["", "## Worst layers (quantization debugger)", "",
+                  markdown_table(["op", "RMSE / step", "tensor"],
+                                 [[w["op"], w["rmse_per_step"], w["tensor"]] for w in gate["worst_layers"]])]
+    return "\n".join(lines) + "\n"

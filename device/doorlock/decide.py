@@ -1,0 +1,162 @@
+"""Deciding whether to unlock: per-frame matching, N-of-M voting, rate limits, and a motion liveness check.
+
+The rules that matter for safety, and why:
+
+- A face matches a person only when its distance to one of that person's enrolled embeddings is
+  within the threshold calibrated on the deployed model (FAR 0.1% by default). An unknown face is
+  refused; there is no "nearest enrolled person wins", the classic way such locks admit strangers.
+- One frame never unlocks: the same person must be matched in `votes_needed` of the last `window`
+  frames with a face, which turns a rare per-frame false match into a much rarer unlock.
+- After `max_attempts` refusals within `attempt_window_s` the lock ignores everyone for
+  `lockout_s`, which limits how many tries a stranger (or a set of photos) gets.
+- Liveness: the face crops of the voting frames must differ from one another by at least
+  `min_motion` grey levels on average. This catches a still picture (printed photo on a stand,
+  frozen video feed, still image on a screen) and nothing more; see the README for what it misses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device.doorlock.config import DecisionConfig, LivenessConfig
+
+
+@dataclass(frozen=True)
+class Match:
+    """Best match of one face against the gallery: `person` is None unless within the threshold."""
+
+    person: str | None
+    nearest: str | None
+    distance: float
+
+
+class Gallery:
+    """All enrolled embeddings in one matrix, so a frame costs one matrix product whatever the head count."""
+
+    def __init__(self, entries: list[tuple[str, np.ndarray]]):
+        self.names = [name for name, _ in entries]
+        self.people = sorted(set(self.names))
+        dim = entries[0][1].shape[-1] if entries else 0
+        self.vectors = np.stack([v for _, v in entries]).astype(np.float32) if entries else np.zeros((0, dim), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def match(self, embedding: np.ndarray, threshold: float) -> Match:
+        """Nearest enrolled embedding; a person only when its distance is within `threshold`."""
+        if not self.names:
+            return Match(None, None, float("inf"))
+        # Unit vectors: |a - b|^2 = 2 - 2 a.b, so one dot product per enrolled vector.
+        sims = self.vectors @ np.asarray(embedding, np.float32).reshape(-1)
+        distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims))
+        best = int(np.argmin(distances))
+        distance = float(distances[best])
+        name = self.names[best]
+        return Match(name if distance <= threshold else None, name, distance)
+
+
+def motion(crops: list[np.ndarray]) -> float:
+    """Mean absolute grey-level change between consecutive face crops (0 for a perfectly still picture)."""
+    if len(crops) < 2:
+        return 0.0
+    stack = np.stack([c.astype(np.int16) for c in crops])
+    return float(np.abs(np.diff(stack, axis=0)).mean())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one attempt: `action` is unlock, deny, or not_live (liveness failed)."""
+
+    action: str
+    person: str | None
+    distance: float
+    frames: int
+    motion: float
+    reason: str
+
+
+@dataclass
+class _Vote:
+    match: Match
+    crop: np.ndarray
+
+
+@dataclass
+class Decider:
+    """Turns a stream of per-frame matches into unlock / deny decisions, with voting and rate limits.
+
+    Time is passed in (`now`, seconds) rather than read from a clock, so the rules are testable and
+    the service can use a monotonic clock.
+    """
+
+    decision: DecisionConfig
+    liveness: LivenessConfig
+    _votes: deque = field(default_factory=deque)
+    _last_face: float = float("-inf")
+    _blocked_until: float = float("-inf")
+    _block_reason: str = ""
+    _denials: deque = field(default_factory=deque)
+
+    def blocked(self, now: float) -> str | None:
+        """Why faces are being ignored right now ('cooldown' or 'lockout'), or None."""
+        if now < self._blocked_until:
+            return self._block_reason
+        return None
+
+    def observe(self, match: Match, crop: np.ndarray, now: float) -> Decision | None:
+        """Add one frame's match; returns a Decision when the attempt is complete, else None."""
+        if self.blocked(now):
+            return None
+        if now - self._last_face > self.decision.idle_reset_s:
+            self._votes.clear()  # the face left; a new attempt starts
+        self._last_face = now
+        self._votes.append(_Vote(match, crop))
+        while len(self._votes) > self.decision.window:
+            self._votes.popleft()
+        counts: dict[str, int] = {}
+        for v in self._votes:
+            if v.match.person is not None:
+                counts[v.match.person] = counts.get(v.match.person, 0) + 1
+        winner = max(counts, key=counts.get) if counts else None
+        if winner is not None and counts[winner] >= self.decision.votes_needed:
+            return self._finish(winner, now)
+        if len(self._votes) >= self.decision.window:
+            return self._finish(None, now)
+        return None
+
+    def _finish(self, person: str | None, now: float) -> Decision:
+        votes = list(self._votes)
+        self._votes.clear()
+        used = [v for v in votes if v.match.person == person] if person else votes
+        distance = min(v.match.distance for v in used)
+        moved = motion([v.crop for v in votes])
+        if person is not None and self.liveness.enabled and moved < self.liveness.min_motion:
+            decision = Decision("not_live", person, distance, len(votes), moved,
+                                f"face crops changed {moved:.2f} grey levels < {self.liveness.min_motion}: still picture?")
+        elif person is not None:
+            self._block(now + self.decision.cooldown_s, "cooldown")
+            return Decision("unlock", person, distance, len(votes), moved,
+                            f"{len(used)} of {len(votes)} frames matched")
+        else:
+            nearest = min(votes, key=lambda v: v.match.distance).match.nearest
+            matched = sum(v.match.person is not None for v in votes)
+            decision = Decision("deny", None, distance, len(votes), moved,
+                                f"no enrolled person matched in {self.decision.votes_needed} of {len(votes)} "
+                                f"frames ({matched} frame(s) matched anyone; nearest: {nearest})")
+        self._denials.append(now)
+        while self._denials and now - self._denials[0] > self.decision.attempt_window_s:
+            self._denials.popleft()
+        if len(self._denials) >= self.decision.max_attempts:
+            self._denials.clear()
+            self._block(now + self.decision.lockout_s, "lockout")
+            decision = Decision(decision.action, decision.person, decision.distance, decision.frames,
+                                decision.motion, decision.reason + f"; {self.decision.max_attempts} refusals "
+                                f"within {self.decision.attempt_window_s:.0f} s: locked out for {self.decision.lockout_s:.0f} s")
+        return decision
+
+    def _block(self, until: float, reason: str) -> None:
+        self._blocked_until = until
+        self._block_reason = reason

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Deploy the door lock to a Raspberry Pi:   make deploy PI=user@host   (or: device/doorlock/deploy.sh user@host)
+#
+# Copies the device package and the face bundle over ssh/rsync, creates /opt/doorlock/.venv with
+# --system-site-packages (so Raspberry Pi OS's python3-picamera2 is importable), installs `.[device]`
+# (LiteRT + OpenCV + gpiozero; never TensorFlow — checked below), installs the config (only if none
+# exists yet) and the systemd unit, then (re)starts the service. Needs sudo rights on the Pi.
+set -euo pipefail
+
+PI="${1:?usage: $0 user@host}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+BUNDLE="${BUNDLE:-models/face}"
+STAGE="doorlock-staging"
+
+cd "$ROOT"
+[ -f "$BUNDLE/manifest.json" ] || { echo "no face bundle at $ROOT/$BUNDLE (build it first)" >&2; exit 2; }
+
+echo "==> copying device package and $BUNDLE to $PI:~/$STAGE"
+ssh "$PI" "mkdir -p ~/$STAGE/models"
+rsync -az --delete --exclude '__pycache__' device pyproject.toml README.md "$PI:~/$STAGE/"
+rsync -az --delete "$BUNDLE/" "$PI:~/$STAGE/models/face/"
+
+echo "==> installing on $PI"
+ssh "$PI" STAGE="$STAGE" bash -s <<'REMOTE'
+set -euo pipefail
+sudo apt-get install -y --no-install-recommends python3-venv python3-lgpio rsync >/dev/null
+sudo apt-get install -y --no-install-recommends python3-picamera2 >/dev/null || \
+    echo "warning: apt could not install python3-picamera2 (not Raspberry Pi OS?); USB/RTSP cameras still work"
+id doorlock >/dev/null 2>&1 || sudo useradd --system --home /opt/doorlock --shell /usr/sbin/nologin doorlock
+for g in video gpio; do getent group "$g" >/dev/null && sudo usermod -aG "$g" doorlock; done
+sudo mkdir -p /opt/doorlock /etc/doorlock /var/lib/doorlock
+sudo rsync -a --delete --exclude .venv "$HOME/$STAGE/" /opt/doorlock/
+[ -d /opt/doorlock/.venv ] || sudo python3 -m venv --system-site-packages /opt/doorlock/.venv
+sudo /opt/doorlock/.venv/bin/pip install --quiet --upgrade pip
+sudo /opt/doorlock/.venv/bin/pip install --quiet '/opt/doorlock[device]'
+if sudo /opt/doorlock/.venv/bin/pip list --local 2>/dev/null | grep -iq '^tensorflow'; then
+    echo "error: TensorFlow ended up in the device venv; .[device] must not pull it" >&2; exit 1
+fi
+[ -f /etc/doorlock/doorlock.toml ] || sudo cp /opt/doorlock/device/doorlock/example.toml /etc/doorlock/doorlock.toml
+sudo chown -R doorlock:doorlock /var/lib/doorlock
+sudo DOORLOCK_CONFIG=/etc/doorlock/doorlock.toml /opt/doorlock/.venv/bin/doorlock check-config >/dev/null
+sudo cp /opt/doorlock/device/doorlock/doorlock.service /etc/systemd/system/doorlock.service
+sudo systemctl daemon-reload
+sudo systemctl enable doorlock >/dev/null
+sudo systemctl restart doorlock
+sleep 3
+systemctl --no-pager --lines 5 status doorlock || true
+REMOTE
+echo "==> done. Enroll people on the Pi:  sudo -u doorlock DOORLOCK_CONFIG=/etc/doorlock/doorlock.toml /opt/doorlock/.venv/bin/doorlock enroll NAME --camera"

@@ -1,0 +1,88 @@
+"""One frame through the recognition chain: detect → quality checks → crop → embed → match.
+
+Shared by enrollment (which wants exactly one good face per photo), the service (one frame at a
+time) and the benchmark (which times each stage), so all three see faces the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device.bundle import sha256_file
+from device.detect import Face, FaceDetector, blur_score
+from device.doorlock.config import Config
+from device.doorlock.decide import Gallery, Match
+from device.face import FaceEmbedder, crop_face
+
+
+@dataclass
+class FrameResult:
+    """What one frame gave: the face (if any), why it was skipped (if it was), and its match."""
+
+    face: Face | None = None
+    skipped: str | None = None
+    crop: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+    match: Match | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+
+
+class Recognizer:
+    """Detector + embedder + quality limits, configured once from a `Config`."""
+
+    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, min_blur: float):
+        self.detector = detector
+        self.embedder = embedder
+        self.min_blur = min_blur
+        self.model_sha256 = sha256_file(embedder.model.path)
+        self._last_box = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Recognizer":
+        d = config.detector
+        detector = FaceDetector(d.yunet_model, detect_width=d.detect_width, min_face=d.min_face)
+        embedder = FaceEmbedder.from_bundle(config.model.bundle, variant=config.model.variant,
+                                            threads=config.model.threads or None)
+        return cls(detector, embedder, d.min_blur)
+
+    def threshold(self, setting: str | float) -> float:
+        """A config threshold (a bundle threshold name or a number) as a distance for this model."""
+        return float(setting) if isinstance(setting, (int, float)) else self.embedder.threshold(setting)
+
+    def embed_face(self, image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
+        """The embedder-framed crop of `face` and its unit embedding."""
+        crop = crop_face(image, face.box)
+        return crop, self.embedder.embed(crop)
+
+    def process(self, frame: np.ndarray, gallery: Gallery | None = None, threshold: float = 0.0,
+                track: bool = True) -> FrameResult:
+        """Run one frame; with a gallery, also match. `track` searches near the last face first."""
+        result = FrameResult()
+        t0 = time.perf_counter()
+        face = self.detector.largest(frame, near=self._last_box if track else None)
+        t1 = time.perf_counter()
+        result.ms["detect"] = (t1 - t0) * 1000
+        self._last_box = face.box if face else None
+        if face is None:
+            result.skipped = "no face"
+            return result
+        result.face = face
+        sharpness = blur_score(frame, face.box)
+        if sharpness < self.min_blur:
+            result.skipped = f"blurred (sharpness {sharpness:.0f} < {self.min_blur:.0f})"
+            return result
+        t2 = time.perf_counter()
+        result.crop = crop_face(frame, face.box)
+        t3 = time.perf_counter()
+        result.embedding = self.embedder.embed(result.crop)
+        t4 = time.perf_counter()
+        result.ms["quality"] = (t2 - t1) * 1000
+        result.ms["crop"] = (t3 - t2) * 1000
+        result.ms["embed"] = (t4 - t3) * 1000
+        if gallery is not None:
+            result.match = gallery.match(result.embedding, threshold)
+            result.ms["match"] = (time.perf_counter() - t4) * 1000
+        return result

@@ -1,0 +1,152 @@
+"""Face embeddings on the device: crop a detected face the way the training crops were made, embed it,
+compare two embeddings against the threshold calibrated for the model that is actually running.
+
+The embedder was trained on `lfw-crop-gray-128`: grey 128x128 crops that are the central ~118 px of
+LFW's 250x250 originals, which are themselves centred on an OpenCV Haar (Viola-Jones) detection
+enlarged ~2.2x (so the detector box is ~114 of the 250 px). `crop_face` reproduces that framing from a
+Haar box on any camera frame, because an embedder only works on crops framed like its training data.
+
+Thresholds are Euclidean distances between unit embeddings (accept when distance <= threshold). Each
+model variant's entry in the manifest carries the thresholds calibrated on that variant (int8 and float
+differ slightly); the top-level `thresholds` are those of the default int8 model. `threshold()` always
+answers for the model this object runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from device.bundle import Bundle, BundleError
+from device.images import ImageError, check_image, to_gray
+from device.preprocess import normalize
+from device.runtime import Model
+
+CROP_SIZE = 128
+# Side of the training crop relative to the Haar box: LFW keeps ~118 px around a ~114 px detection.
+CROP_TO_BOX = 118.0 / 114.0
+THRESHOLD_NAMES = ("far_0.1pct", "best_accuracy")
+# How a 128x128 crop becomes embedder input; written into each face bundle's manifest, which is what the
+# device reads (this default is what training uses). 64x64 grey keeps the Pi's CPU cost ~4x below 128x128.
+FACE_SPEC: dict[str, Any] = {
+    "kind": "face-crop-gray",
+    "size": [64, 64],
+    "channels": 1,
+    "scale": 1.0 / 127.5,
+    "offset": -1.0,
+    "crop": "device.face.crop_face: square centred on the Haar box, side = 118/114 of the box, 128x128 grey, "
+            "then resized to `size` with area interpolation",
+}
+
+
+def crop_face(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A BGR or grey frame plus a detector box (x, y, w, h) → 128x128 grey uint8 crop framed like our LFW crops.
+
+    Geometry: a square centred on the box centre, side = max(w, h) * 118/114 (the LFW crop keeps ~118 px
+    around the ~114 px Haar box), resized to 128x128 (area interpolation when shrinking). Where the square
+    leaves the frame the border pixels are repeated (edge padding) rather than filled with black, so a face at
+    the edge of the frame does not get a hard artificial edge the model never saw in training.
+    """
+    gray = to_gray(check_image(image, "frame"))
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"face box must be four numbers (x, y, w, h), got {box!r}") from exc
+    if w <= 0 or h <= 0:
+        raise ImageError(f"face box {box!r} has no area")
+    side = max(1, int(round(max(w, h) * CROP_TO_BOX)))
+    x0 = int(round(x + w / 2 - side / 2))
+    y0 = int(round(y + h / 2 - side / 2))
+    height, width = gray.shape
+    if x0 >= width or y0 >= height or x0 + side <= 0 or y0 + side <= 0:
+        raise ImageError(f"face box {box!r} lies outside the {width}x{height} frame")
+    pad_left, pad_top = max(0, -x0), max(0, -y0)
+    pad_right, pad_bottom = max(0, x0 + side - width), max(0, y0 + side - height)
+    region = gray[max(0, y0) : min(height, y0 + side), max(0, x0) : min(width, x0 + side)]
+    if pad_left or pad_top or pad_right or pad_bottom:
+        region = cv2.copyMakeBorder(region, pad_top, pad_bottom, pad_left, pad_right, cv2.BORDER_REPLICATE)
+    return resize_square(region, CROP_SIZE)
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """Square grey image → size x size; area averaging when shrinking avoids aliasing on big faces."""
+    if gray.shape == (size, size):
+        return gray
+    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(gray, (size, size), interpolation=interpolation)
+
+
+def face_input(face_crop: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """A face crop (grey or BGR, any size, framed like `crop_face`) → float model input per the bundle's spec.
+
+    Shared by the device and the converter's measurements, so the number in the report is the number
+    the device gets.
+    """
+    gray = to_gray(check_image(face_crop, "face crop"))
+    height, width = (int(v) for v in spec["size"])
+    if gray.shape != (height, width):
+        interpolation = cv2.INTER_AREA if gray.shape[0] > height else cv2.INTER_LINEAR
+        gray = cv2.resize(gray, (width, height), interpolation=interpolation)
+    return normalize(gray, spec)
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 copy; int8 outputs are dequantised and only approximately unit length."""
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0:
+        raise ValueError("embedding is all zeros; cannot normalise it")
+    return vector / norm
+
+
+class FaceEmbedder:
+    """A face bundle's model as `crop → unit embedding`, with the bundle's calibrated thresholds."""
+
+    def __init__(self, model: Model, spec: dict[str, Any], thresholds: dict[str, float], variant: str):
+        self.model = model
+        self.spec = spec
+        self.thresholds = thresholds
+        self.variant = variant
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "FaceEmbedder":
+        """Load a verified face bundle (e.g. models/face) and the thresholds calibrated on `variant`."""
+        bundle = Bundle.load(path)
+        if bundle.task != "face-embedding":
+            raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a face-embedding bundle")
+        model = Model(bundle.model_path(variant), threads=threads)
+        thresholds = bundle.model_info(variant).get("thresholds")
+        if thresholds is None and variant == bundle.manifest.get("default_model"):
+            thresholds = bundle.thresholds  # top-level `thresholds` belong to the default (int8) model
+        if not thresholds:
+            raise BundleError(f"bundle {bundle.root} has no match thresholds for its '{variant}' model")
+        return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant)
+
+    def embed(self, face_crop: np.ndarray) -> np.ndarray:
+        """128x128 grey crop from `crop_face` (any size or BGR is accepted and converted) → unit vector."""
+        return unit(self.model.run(face_input(face_crop, self.spec))[0])
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        """Cosine similarity (1 = same direction)."""
+        return float(np.dot(unit(a), unit(b)))
+
+    @staticmethod
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        """Euclidean distance between the unit vectors (0 … 2); sqrt(2 - 2 cos)."""
+        return float(np.linalg.norm(unit(a) - unit(b)))
+
+    def threshold(self, name: str = "far_0.1pct") -> float:
+        """Distance threshold from the manifest: "far_0.1pct" (strict, for unlocking) or "best_accuracy"."""
+        if name not in self.thresholds:
+            raise BundleError(f"no threshold '{name}' for the {self.variant} model; "
+                              f"available: {', '.join(sorted(self.thresholds))}")
+        return self.thresholds[name]
+
+    def compare(self, known: np.ndarray, candidate: np.ndarray, threshold: float | None = None) -> bool:
+        """Same person? True when the embeddings are within `threshold` (default: the FAR 0.1% threshold)."""
+        limit = self.threshold() if threshold is None else float(threshold)
+        return self.distance(known, candidate) <= limit

@@ -1,0 +1,61 @@
+"""Door lock config files: the shipped example parses, and every kind of mistake gets a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from device.doorlock.config import ConfigError, load_config
+
+EXAMPLE = REPO / "device" / "doorlock" / "example.toml"
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(EXAMPLE)
+    assert config.relay.active_high is False and config.relay.pin == 17
+    assert config.decision.threshold == "far_0.1pct"
+    assert config.storage.snapshots == Path("/var/lib/doorlock/refused")
+    assert config.detector.yunet_model is None  # "" means: Haar
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    path = tmp_path / "lock.toml"
+    path.write_text('[storage]\ndatabase = "state/lock.db"\n[decision]\nthreshold = 0.9\n')
+    config = load_config(path)
+    assert config.storage.database == tmp_path / "state" / "lock.db"
+    assert config.decision.threshold == 0.9
+    assert config.camera.source == "picamera2" and config.decision.votes_needed == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[camera\nsource = 1", "not valid TOML"),
+    ("[door]\nx = 1", "unknown section \\[door\\]"),
+    ("[relay]\nunlock_sec = 3", "unknown key 'unlock_sec' in \\[relay\\]"),
+    ("[relay]\nunlock_s = 'long'", "\\[relay\\] unlock_s must be a number"),
+    ("[relay]\nactive_high = 1", "must be true or false"),
+    ("[relay]\nunlock_s = -1", "unlock_s must be > 0"),
+    ("[decision]\nvotes_needed = 6\nwindow = 5", "cannot exceed window"),
+    ("[decision]\nthreshold = 3.5", "not a distance"),
+    ("[decision]\nwindow = 2.5", "whole number"),
+    ("[model]\nvariant = 'fp16'", "variant must be"),
+    ("camera = 3", "must be a \\[section\\] table"),
+    ("[camera]\nsource = ''", "source is empty"),
+])
+def test_bad_configs(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[relay]\npin = true\n")
+    result = run_cli("-m", "device.doorlock", "--config", str(path), "check-config")
+    assert result.returncode == 2
+    assert "doorlock: error:" in result.stderr and "[relay] pin" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run_cli("-m", "device.doorlock", "--config", str(tmp_path / "none.toml"), "list")
+    assert missing.returncode == 2 and "config file not found" in missing.stderr

@@ -1,0 +1,117 @@
+"""Decision rules (device/doorlock/decide.py) and the audit log (device/doorlock/audit.py).
+
+The rules are tested on given per-frame matches (the recognition itself is tested end to end in
+test_doorlock_e2e.py); face crops for the liveness measure are real LFW crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device.doorlock.audit import AuditLog
+from device.doorlock.config import DecisionConfig, LivenessConfig
+from device.doorlock.decide import Decider, Decision, Gallery, Match, motion
+
+
+@pytest.fixture(scope="module")
+def crops(data_dir: Path) -> list[np.ndarray]:
+    folder = data_dir / "faces" / "lfw-crop-gray-128" / "Tony_Blair"
+    return [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(folder.glob("*.jpg"))[:8]]
+
+
+def unit(v: list[float]) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_gallery_refuses_unknown_faces_instead_of_nearest_match() -> None:
+    gallery = Gallery([("ann", unit([1, 0, 0])), ("ann", unit([0.9, 0.1, 0])), ("bob", unit([0, 1, 0]))])
+    near_ann = gallery.match(unit([0.95, 0.05, 0.05]), threshold=0.3)
+    assert near_ann.person == "ann" and near_ann.distance < 0.3
+    stranger = gallery.match(unit([0.3, 0.3, 0.9]), threshold=0.3)
+    assert stranger.person is None and stranger.nearest in ("ann", "bob") and stranger.distance > 0.3
+    assert np.isclose(stranger.distance, min(np.linalg.norm(unit([0.3, 0.3, 0.9]) - v) for v in gallery.vectors))
+    assert Gallery([]).match(unit([1, 0, 0]), 1.0).person is None
+
+
+def decider(**changes) -> Decider:
+    return Decider(DecisionConfig(**changes), LivenessConfig(min_motion=1.0))
+
+
+def feed(d: Decider, people: list[str | None], crops: list[np.ndarray], t0: float = 0.0) -> list[Decision]:
+    out = []
+    for i, person in enumerate(people):
+        result = d.observe(Match(person, person or "ann", 0.5 if person else 1.2), crops[i % len(crops)], t0 + i * 0.1)
+        if result:
+            out.append(result)
+    return out
+
+
+def test_needs_n_of_m_frames(crops) -> None:
+    d = decider(votes_needed=3, window=5)
+    assert feed(d, ["ann", None, "ann", None], crops) == []
+    (decision,) = feed(d, ["ann"], crops, t0=0.4)
+    assert decision.action == "unlock" and decision.person == "ann" and decision.frames == 5
+
+
+def test_mixed_or_unknown_frames_deny(crops) -> None:
+    d = decider(votes_needed=3, window=5)
+    (decision,) = feed(d, ["ann", "bob", None, "ann", "bob"], crops)
+    assert decision.action == "deny" and decision.person is None and decision.distance == 0.5
+    assert "nearest" in decision.reason
+
+
+def test_cooldown_after_unlock(crops) -> None:
+    d = decider(votes_needed=2, window=3, cooldown_s=5.0)
+    assert [x.action for x in feed(d, ["ann", "ann"], crops)] == ["unlock"]
+    assert d.blocked(1.0) == "cooldown"
+    assert feed(d, ["ann"] * 5, crops, t0=1.0) == []  # ignored while the door is open
+    assert [x.action for x in feed(d, ["ann", "ann"], crops, t0=6.0)] == ["unlock"]
+
+
+def test_lockout_after_repeated_refusals(crops) -> None:
+    d = decider(votes_needed=2, window=2, max_attempts=3, attempt_window_s=60, lockout_s=100)
+    decisions = feed(d, [None] * 6, crops)
+    assert [x.action for x in decisions] == ["deny"] * 3
+    assert "locked out" in decisions[-1].reason
+    assert d.blocked(50) == "lockout"
+    assert feed(d, ["ann"] * 4, crops, t0=50) == []  # even an enrolled person waits out the lockout
+    assert [x.action for x in feed(d, ["ann", "ann"], crops, t0=101)] == ["unlock"]
+
+
+def test_attempt_resets_when_face_leaves(crops) -> None:
+    d = decider(votes_needed=3, window=5, idle_reset_s=2.0)
+    assert feed(d, ["ann", "ann"], crops) == []
+    assert feed(d, ["ann", "ann"], crops, t0=10.0) == []  # the earlier two votes expired
+    assert feed(d, ["ann"], crops, t0=10.2)[0].action == "unlock"
+
+
+def test_still_picture_fails_liveness(crops) -> None:
+    still = [crops[0]] * 5
+    noisy = [np.clip(crops[0].astype(int) + np.random.default_rng(i).integers(-1, 2, crops[0].shape), 0, 255)
+             .astype(np.uint8) for i in range(5)]  # sensor noise of a camera filming a printed photo
+    assert motion(still) == 0.0 and motion(noisy) < 1.0
+    assert motion(crops[:5]) > 10  # different moments of a real face
+    d = decider(votes_needed=3, window=3)
+    (decision,) = feed(d, ["ann"] * 3, noisy)
+    assert decision.action == "not_live" and decision.person == "ann"
+    assert not d.blocked(0.5)  # a failed liveness check is a refusal, not an unlock: no cooldown
+
+
+def test_audit_log_records_decisions_and_caps_snapshots(tmp_path: Path, crops) -> None:
+    log = AuditLog(tmp_path / "lock.db", tmp_path / "refused", keep=3)
+    frame = cv2.cvtColor(crops[0], cv2.COLOR_GRAY2BGR)
+    log.record(Decision("unlock", "ann", 0.42, 5, 3.2, "3 of 5 frames matched"), frame, when=1000.0)
+    for i in range(5):
+        log.record(Decision("deny", None, 1.1, 5, 2.0, "no enrolled person"), frame, when=2000.0 + i)
+    rows = log.recent(10)
+    assert len(rows) == 6 and rows[-1].person == "ann" and rows[-1].snapshot is None  # no photo of residents
+    assert rows[0].action == "deny" and rows[0].distance == pytest.approx(1.1) and rows[0].frames == 5
+    kept = sorted((tmp_path / "refused").glob("*.jpg"))
+    assert len(kept) == 3 and str(kept[-1]) == rows[0].snapshot
+    assert cv2.imread(rows[0].snapshot).shape == frame.shape
+    log.close()

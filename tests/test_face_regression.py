@@ -1,0 +1,107 @@
+"""The shipped face bundle (models/face) through the device API, on the real LFW evaluation pairs.
+
+int8 must stay within the bundle's own gate of float, and the thresholds in the manifest must be the ones
+calibrated on the int8 model's embeddings (recomputed here from scratch through `FaceEmbedder`).
+The teacher test needs dlib (host extra `teacher`) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device.bundle import Bundle, BundleError
+from device.face import FaceEmbedder
+from training.datasets.lfw import find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
+from training.face.data import pair_images
+from training.teacher import teacher_available
+
+
+@pytest.fixture(scope="module")
+def bundle(models_dir):
+    path = models_dir / "face"
+    if not (path / "manifest.json").is_file():
+        pytest.fail("models/face is missing: build it with `make quantize-face`")
+    return Bundle.load(path)
+
+
+@pytest.fixture(scope="module")
+def eval_set(data_dir, bundle):
+    faces = find_faces_dir(data_dir)
+    people = list_people(faces)
+    split = make_split(people, read_pairs(find_pairs_file(data_dir, faces)),
+                       eval_folds=tuple(bundle.manifest["evaluation"]["folds"]))
+    keys, crops = pair_images(split.eval_pairs, people)
+    return split, keys, crops
+
+
+@pytest.fixture(scope="module")
+def embeddings(bundle, eval_set):
+    _, _, crops = eval_set
+    result = {}
+    for variant in ("float", "int8"):
+        embedder = FaceEmbedder.from_bundle(bundle.root, variant=variant, threads=2)
+        result[variant] = (embedder, np.stack([embedder.embed(c) for c in crops]))
+    return result
+
+
+def test_int8_within_gate_of_float_on_eval_pairs(bundle, eval_set, embeddings):
+    from converter.face import PairSet
+
+    split, keys, _ = eval_set
+    pairs = PairSet(split.eval_pairs, keys)
+    float_report = pairs.report(embeddings["float"][1])
+    int8_report = pairs.report(embeddings["int8"][1])
+    assert int8_report["pairs"] == bundle.manifest["evaluation"]["pairs"] == len(split.eval_pairs)
+    drop_pp = 100 * (float_report["accuracy_mean"] - int8_report["accuracy_mean"])
+    assert drop_pp <= bundle.manifest["gate"]["max_drop_pp"] + 1e-9
+    assert int8_report["accuracy_mean"] == pytest.approx(bundle.manifest["metrics"]["int8"]["accuracy_mean"], abs=1e-9)
+    assert np.mean(np.sum(embeddings["float"][1] * embeddings["int8"][1], axis=1)) > 0.95
+
+
+def test_manifest_thresholds_are_the_int8_models(bundle, eval_set, embeddings):
+    from converter.face import PairSet
+
+    split, keys, _ = eval_set
+    embedder, int8 = embeddings["int8"]
+    recalibrated, details = PairSet(split.eval_pairs, keys).thresholds(int8)
+    assert set(bundle.thresholds) == {"far_0.1pct", "best_accuracy"}
+    for name, value in recalibrated.items():
+        assert bundle.thresholds[name] == pytest.approx(value, abs=1e-5)
+        assert embedder.threshold(name) == bundle.thresholds[name]
+    assert details["far_0.1pct"]["far_all_impostors"] <= 0.001
+    float_thresholds = bundle.model_info("float")["thresholds"]
+    assert embeddings["float"][0].threshold() == float_thresholds["far_0.1pct"]
+
+
+def test_embedder_api_on_a_real_pair(bundle, eval_set, embeddings):
+    split, keys, crops = eval_set
+    embedder, int8 = embeddings["int8"]
+    index = {k: i for i, k in enumerate(keys)}
+    vectors = {k: int8[i] for k, i in index.items()}
+    a, b = (vectors[k] for k in split.eval_pairs[0].keys())
+    assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
+    assert embedder.distance(a, b) == pytest.approx(np.sqrt(2 - 2 * embedder.similarity(a, b)), abs=1e-5)
+    assert embedder.compare(a, a) is True
+    assert embedder.compare(a, b, threshold=embedder.distance(a, b)) is True
+    # BGR input of another size is accepted and lands on nearly the same embedding.
+    bgr = np.repeat(crops[index[split.eval_pairs[0].keys()[0]]][:, :, None], 3, axis=2)
+    assert embedder.similarity(embedder.embed(bgr), a) > 0.999
+    with pytest.raises(BundleError, match="available"):
+        embedder.threshold("no-such-threshold")
+
+
+@pytest.mark.skipif(not teacher_available(), reason="dlib teacher not installed (pip install .[teacher]); host-only")
+def test_teacher_separates_a_real_pair(eval_set):
+    from training.teacher import load_teacher
+
+    split, keys, crops = eval_set
+    teacher = load_teacher()
+    index = {k: i for i, k in enumerate(keys)}
+    same = next(p for p in split.eval_pairs if p.same)
+    different = next(p for p in split.eval_pairs if not p.same)
+    embed = {k: teacher.embed(crops[index[k]]) for p in (same, different) for k in p.keys()}
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-4 for v in embed.values())
+    distance = {name: np.linalg.norm(embed[p.keys()[0]] - embed[p.keys()[1]])
+                for name, p in (("same", same), ("different", different))}
+    assert distance["same"] < distance["different"]

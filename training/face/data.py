@@ -1,0 +1,95 @@
+"""Training data for the face embedder: fixed augmented versions of each crop, and P×K identity batches.
+
+Augmentation is *materialised*: version 0 of an image is the crop itself, version v >= 1 is a seeded
+random jitter (v odd: also mirrored) of it. The teacher embeds exactly these pixels once (cached), and
+the student trains on exactly the same pixels, so a distillation target always belongs to its input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from device.face import face_input
+from training.datasets.lfw import Split, load_faces
+
+
+def augment(crop: np.ndarray, key: str, version: int) -> np.ndarray:
+    """Version `version` of a 128x128 grey crop; deterministic in (key, version) so caches stay valid.
+
+    Jitter stays within what a Haar box and a door camera vary by: shift ±4 px, rotation ±8°, scale ±6%,
+    brightness ±20, contrast ×0.8–1.2, and a Gaussian blur (σ 0.6–1.2) in a third of the versions.
+    """
+    if version == 0:
+        return crop
+    seed = int.from_bytes(hashlib.sha256(f"{key}/{version}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    image = crop[:, ::-1] if version % 2 == 1 else crop
+    size = image.shape[0]
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-8, 8), rng.uniform(0.94, 1.06))
+    matrix[:, 2] += rng.uniform(-4, 4, size=2)
+    image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
+    if rng.uniform() < 1 / 3:
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.6, 1.2))
+    image = image.astype(np.float32)
+    image = (image - image.mean()) * rng.uniform(0.8, 1.2) + image.mean() + rng.uniform(-20, 20)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def student_inputs(crops: np.ndarray, spec: dict) -> np.ndarray:
+    """128x128 crops → float model input, through the device's own preprocessing."""
+    return np.stack([face_input(c, spec) for c in crops]).astype(np.float32)
+
+
+@dataclass
+class FaceSet:
+    """Crops (all versions) of a set of people, with identity labels and LFW keys."""
+
+    crops: np.ndarray  # (N, 128, 128) uint8
+    labels: np.ndarray  # (N,) int identity index
+    keys: list[str]  # LFW key of the source image (e.g. Name_0001)
+    versions: np.ndarray  # (N,) augmentation version
+
+
+def training_set(split: Split, people: dict, versions: int) -> FaceSet:
+    """Every image of every training person, in `versions` versions (0 = the original)."""
+    keys = [(label, key, path) for label, name in enumerate(split.train_people)
+            for key, path in people[name].items()]
+    originals = load_faces([path for _, _, path in keys])
+    crops, labels, names, version_ids = [], [], [], []
+    for (label, key, _), crop in zip(keys, originals):
+        for v in range(versions):
+            crops.append(augment(crop, key, v))
+            labels.append(label)
+            names.append(key)
+            version_ids.append(v)
+    return FaceSet(np.stack(crops), np.array(labels), names, np.array(version_ids))
+
+
+def pair_images(pairs: list, people: dict) -> tuple[list[str], np.ndarray]:
+    """The distinct images named by `pairs`: their keys and 128x128 crops."""
+    keys = sorted({k for p in pairs for k in p.keys()})
+    paths = [people[k.rsplit("_", 1)[0]][k] for k in keys]
+    return keys, load_faces(paths)
+
+
+class PKSampler:
+    """Batches of P identities × K samples each, as triplet and margin losses need positives in the batch."""
+
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int):
+        self.by_label = [np.flatnonzero(labels == label) for label in range(int(labels.max()) + 1)]
+        self.by_label = [indices for indices in self.by_label if len(indices)]
+        self.p, self.k = p, k
+        self.rng = np.random.default_rng(seed)
+        self.steps_per_epoch = max(1, len(labels) // (p * k))
+
+    def batch(self) -> np.ndarray:
+        chosen = self.rng.choice(len(self.by_label), self.p, replace=False)
+        return np.concatenate([
+            self.rng.choice(self.by_label[c], self.k, replace=len(self.by_label[c]) < self.k) for c in chosen
+        ])
+

@@ -1,0 +1,112 @@
+"""Verification metrics the way LFW reports them, on distances between unit embeddings (smaller = same).
+
+Accuracy uses a threshold chosen on the *other* folds and is reported as mean ± std over the evaluated
+folds; ROC AUC and TAR at a fixed FAR use every pair at once. A pair is accepted when distance <= threshold.
+Pure numpy so the converter, the tests and the teacher evaluation share one implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def pair_distances(embeddings: dict[str, np.ndarray], keys: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Euclidean distance of each (key1, key2) pair of unit embeddings."""
+    return np.array([float(np.linalg.norm(embeddings[a] - embeddings[b])) for a, b in keys], dtype=np.float64)
+
+
+def candidate_thresholds(distances: np.ndarray) -> np.ndarray:
+    """Midpoints between consecutive distinct distances, plus one below and one above all of them."""
+    values = np.unique(distances)
+    inner = (values[:-1] + values[1:]) / 2
+    return np.concatenate([[values[0] - 1e-6], inner, [values[-1] + 1e-6]])
+
+
+def accuracy_at(distances: np.ndarray, same: np.ndarray, threshold: float) -> float:
+    return float(np.mean((distances <= threshold) == same))
+
+
+def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy) maximising accuracy; among ties the middle one, which generalises best."""
+    thresholds = candidate_thresholds(distances)
+    accuracies = np.array([accuracy_at(distances, same, t) for t in thresholds])
+    best = np.flatnonzero(accuracies == accuracies.max())
+    choice = best[len(best) // 2]
+    return float(thresholds[choice]), float(accuracies[choice])
+
+
+def cross_fold_accuracy(distances: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    """Per fold: threshold chosen on the other folds, accuracy on this one. Mean ± std (population) over folds."""
+    per_fold = {}
+    for fold in np.unique(folds):
+        test = folds == fold
+        threshold, _ = best_threshold(distances[~test], same[~test])
+        per_fold[int(fold)] = {"threshold": threshold, "accuracy": accuracy_at(distances[test], same[test], threshold)}
+    accuracies = np.array([v["accuracy"] for v in per_fold.values()])
+    return {"mean": float(accuracies.mean()), "std": float(accuracies.std()), "per_fold": per_fold}
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank (as in the Mann-Whitney U statistic)."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.concatenate([first[1:], [len(values)]])
+    ranks = np.empty(len(values))
+    ranks[order] = ((first + 1 + last) / 2)[group]
+    return ranks
+
+
+def roc_auc(distances: np.ndarray, same: np.ndarray) -> float:
+    """Probability that a random same pair is closer than a random different pair (ties count half)."""
+    positive, negative = distances[same], distances[~same]
+    if len(positive) == 0 or len(negative) == 0:
+        raise ValueError("ROC AUC needs both same and different pairs")
+    # Mann-Whitney U on average ranks (ties count half); smaller distance means "more same".
+    ranks = average_ranks(np.concatenate([positive, negative]))
+    negative_u = ranks[len(positive):].sum() - len(negative) * (len(negative) + 1) / 2
+    return float(negative_u / (len(positive) * len(negative)))
+
+
+def threshold_at_far(impostor_distances: np.ndarray, far: float) -> float:
+    """Largest threshold that accepts at most `far` of the impostor (different-person) pairs.
+
+    With n impostors it accepts floor(far * n) of them; the threshold sits halfway to the next impostor
+    so that float noise cannot move a pair across it.
+    """
+    ordered = np.sort(np.asarray(impostor_distances, dtype=np.float64))
+    allowed = int(np.floor(far * len(ordered) + 1e-9))
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    upper = ordered[allowed]
+    lower = ordered[allowed - 1] if allowed > 0 else upper - 1e-3
+    return float((lower + upper) / 2)
+
+
+def tar_at_far(distances: np.ndarray, same: np.ndarray, far: float) -> dict[str, float]:
+    """True accept rate at the threshold that accepts at most `far` of the different pairs (no interpolation)."""
+    threshold = threshold_at_far(distances[~same], far)
+    return {"tar": float(np.mean(distances[same] <= threshold)),
+            "far": float(np.mean(distances[~same] <= threshold)), "threshold": threshold}
+
+
+def verification_report(distances: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    """Everything the tables show for one model on one set of pairs."""
+    same = np.asarray(same, dtype=bool)
+    accuracy = cross_fold_accuracy(distances, same, folds)
+    return {
+        "pairs": int(len(distances)),
+        "same_pairs": int(same.sum()),
+        "folds": sorted(int(f) for f in np.unique(folds)),
+        "accuracy_mean": accuracy["mean"],
+        "accuracy_std": accuracy["std"],
+        "per_fold": accuracy["per_fold"],
+        "auc": roc_auc(distances, same),
+        "tar_far_1pct": tar_at_far(distances, same, 0.01)["tar"],
+        "tar_far_0.1pct": tar_at_far(distances, same, 0.001)["tar"],
+    }
