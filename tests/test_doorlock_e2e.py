@@ -213,6 +213,24 @@ def test_service_relocks_when_it_crashes(tmp_path: Path, data_dir: Path, recogni
     assert [s.state for s in factory.pin(17).states] == [False, True, False]
 
 
+def run_until_first_decision(env: dict[str, str]) -> list[dict]:
+    """`doorlock run` as a service: wait for its first decision, stop it with SIGTERM, return its JSON events."""
+    proc = subprocess.Popen([sys.executable, "-m", "device.doorlock", "run"], cwd=REPO, text=True,
+                            stderr=subprocess.PIPE, env={**os.environ, **env})
+    events = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stderr.readline()
+        if line.startswith("{"):  # LiteRT itself prints one plain "INFO: Created … delegate" line
+            events.append(json.loads(line))
+            if events[-1]["event"] == "decision":
+                break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=20)
+    assert proc.returncode == 0, rest[-2000:]
+    return events + [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+
+
 @RECOGNITION_GAP
 def test_cli_enroll_list_run_and_sigterm(tmp_path: Path, data_dir: Path) -> None:
     """The `doorlock` command as a user runs it: enroll, list, run on a replayed folder, stop with SIGTERM."""
@@ -230,20 +248,7 @@ def test_cli_enroll_list_run_and_sigterm(tmp_path: Path, data_dir: Path) -> None
     listed = run_cli("-m", "device.doorlock", "list", env=env)
     assert listed.stdout.strip() == "Barack Obama: 2 embedding(s)"
 
-    proc = subprocess.Popen([sys.executable, "-m", "device.doorlock", "run"], cwd=REPO, text=True,
-                            stderr=subprocess.PIPE, env={**os.environ, **env})
-    events = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stderr.readline()
-        if line.startswith("{"):  # LiteRT itself prints one plain "INFO: Created … delegate" line
-            events.append(json.loads(line))
-            if events[-1]["event"] == "decision":
-                break
-    proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=20)
-    events += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0
+    events = run_until_first_decision(env)
     names = [e["event"] for e in events]
     assert names[:2] == ["gallery_loaded", "started"] and names[-2:] == ["stopping", "stopped"]
     decision = next(e for e in events if e["event"] == "decision")
@@ -339,20 +344,7 @@ def test_service_stops_cleanly_on_sigterm_with_the_relay_locked(tmp_path: Path, 
     enrolled = run_cli("-m", "device.doorlock", "enroll", "Barack Obama",
                        *map(str, scenes(data_dir, ENROLL["Barack Obama"])), env=env)
     assert enrolled.returncode == 0, enrolled.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "device.doorlock", "run"], cwd=REPO, text=True,
-                            stderr=subprocess.PIPE, env={**os.environ, **env})
-    events = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stderr.readline()
-        if line.startswith("{"):
-            events.append(json.loads(line))
-            if events[-1]["event"] == "decision":  # running and deciding on real frames against a real gallery
-                break
-    proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=20)
-    events += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0
+    events = run_until_first_decision(env)
     assert [e["event"] for e in events][-2:] == ["stopping", "stopped"]
     assert events[-2]["signal"] == "SIGTERM" and events[-1]["relay"] == "locked"
     decisions = [e for e in events if e["event"] == "decision"]
