@@ -28,6 +28,9 @@ from training.face.train import load_lfw
 from training.teacher import TeacherCache, load_teacher, teacher_available, teacher_embeddings, teacher_model_bytes
 
 FAR_STRICT = 0.001
+# A door lock compares a stranger with every enrolled embedding (~100 for a household), so its per-attempt
+# false-accept rate is up to ~100x the per-pair rate: 0.001% per pair ≈ 0.1% per attempt.
+FAR_DOOR = 0.00001
 
 
 def embed_file(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
@@ -62,22 +65,24 @@ class PairSet:
     def thresholds(self, embeddings: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
         """Distance thresholds calibrated on this model's embeddings, and what they give on the pairs.
 
-        far_0.1pct: accepts at most 0.1% of all impostor pairs among the evaluation images (millions of
-        pairs, so the estimate is stable); best_accuracy: the accuracy-maximising threshold on all pairs.
+        far_0.1pct / far_0.001pct: accept at most that share of all impostor pairs among the evaluation
+        images (2.4 million pairs, so even 0.001% rests on ~24 pairs); far_0.001pct is the door lock's
+        default because a stranger meets every enrolled embedding (see FAR_DOOR). best_accuracy: the
+        accuracy-maximising threshold on all pairs.
         """
         distances = self.distances(embeddings)
         impostors = impostor_distances(embeddings, self.identities)
-        strict = threshold_at_far(impostors, FAR_STRICT)
         best, accuracy = best_threshold(distances, self.same)
-        details = {
-            "far_0.1pct": {"threshold": strict, "impostor_pairs": int(len(impostors)),
-                           "far_all_impostors": float(np.mean(impostors <= strict)),
-                           "tar_on_pairs": float(np.mean(distances[self.same] <= strict)),
-                           "far_on_pairs": float(np.mean(distances[~self.same] <= strict))},
-            "best_accuracy": {"threshold": best, "accuracy_on_pairs": accuracy,
-                              "far_all_impostors": float(np.mean(impostors <= best))},
-        }
-        return {"far_0.1pct": strict, "best_accuracy": best}, details
+        details: dict[str, Any] = {}
+        for name, far in (("far_0.1pct", FAR_STRICT), ("far_0.001pct", FAR_DOOR)):
+            threshold = threshold_at_far(impostors, far)
+            details[name] = {"threshold": threshold, "impostor_pairs": int(len(impostors)),
+                             "far_all_impostors": float(np.mean(impostors <= threshold)),
+                             "tar_on_pairs": float(np.mean(distances[self.same] <= threshold)),
+                             "far_on_pairs": float(np.mean(distances[~self.same] <= threshold))}
+        details["best_accuracy"] = {"threshold": best, "accuracy_on_pairs": accuracy,
+                                    "far_all_impostors": float(np.mean(impostors <= best))}
+        return {name: d["threshold"] for name, d in details.items()}, details
 
 
 def nearest_neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -241,11 +246,16 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
         "## Thresholds (Euclidean distance between unit embeddings; accept when distance <= threshold)",
         "",
         markdown_table(
-            ["variant", "far_0.1pct", "FAR on all impostor pairs", "TAR on pairs", "best_accuracy", "accuracy on pairs"],
-            [[v, c["far_0.1pct"]["threshold"], f"{100 * c['far_0.1pct']['far_all_impostors']:.3f}% of "
-              f"{c['far_0.1pct']['impostor_pairs']:,}", f"{100 * c['far_0.1pct']['tar_on_pairs']:.1f}%",
-              c["best_accuracy"]["threshold"], f"{100 * c['best_accuracy']['accuracy_on_pairs']:.2f}%"]
-             for v, c in calibration.items()]),
+            ["variant", "threshold", "distance", "FAR on all impostor pairs", "TAR on pairs"],
+            [[v, name, c[name]["threshold"], f"{100 * c[name]['far_all_impostors']:.4f}% of "
+              f"{c[name]['impostor_pairs']:,}", f"{100 * c[name]['tar_on_pairs']:.1f}%"]
+             for v, c in calibration.items() for name in ("far_0.1pct", "far_0.001pct")]),
+        "",
+        "best_accuracy (accuracy-maximising distance on the pairs): "
+        + "; ".join(f"{v} {c['best_accuracy']['threshold']:.4f} ({100 * c['best_accuracy']['accuracy_on_pairs']:.2f}%)"
+                    for v, c in calibration.items())
+        + ". The door lock uses far_0.001pct by default: a stranger is compared with every enrolled embedding, "
+        "so the per-attempt rate is up to (gallery size) x the per-pair rate.",
     ]
     if recipes:
         lines += ["", "## Training recipes (short runs on the same split, same training subset and budget; "

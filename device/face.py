@@ -28,7 +28,7 @@ from device.runtime import Model
 CROP_SIZE = 128
 # Side of the training crop relative to the Haar box: LFW keeps ~118 px around a ~114 px detection.
 CROP_TO_BOX = 118.0 / 114.0
-THRESHOLD_NAMES = ("far_0.1pct", "best_accuracy")
+THRESHOLD_NAMES = ("far_0.1pct", "far_0.001pct", "best_accuracy")
 # How a 128x128 crop becomes embedder input; written into each face bundle's manifest, which is what the
 # device reads (this default is what training uses). 64x64 grey keeps the Pi's CPU cost ~4x below 128x128.
 FACE_SPEC: dict[str, Any] = {

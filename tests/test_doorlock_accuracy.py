@@ -48,7 +48,8 @@ def evaluation(data_dir: Path):
 
 def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
     embedder, data, folds = evaluation
-    results = {name: door_test(data, embedder.threshold(name)) for name in ("far_0.1pct", "best_accuracy")}
+    results = {name: door_test(data, embedder.threshold(name))
+               for name in ("far_0.1pct", "far_0.001pct", "best_accuracy")}
     # The operating point a door lock wants: at most 0.1% of stranger attempts accepted per frame.
     per_attempt = door_test(data, threshold_for_far(data, 0.001))
     strict = results["far_0.1pct"]
@@ -64,6 +65,9 @@ def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
     # per-attempt FAR cannot exceed the union bound gallery x 0.1% (with room for sampling noise).
     assert strict.far <= 1.3 * gallery * 0.001, strict.summary()
     assert all(d <= strict.threshold for d in strict.accepted_distances)
+    # The door lock's default, far_0.001pct per pair, bounds the per-attempt FAR to about gallery x 0.001%.
+    door = results["far_0.001pct"]
+    assert door.threshold < strict.threshold and door.far <= 1.3 * gallery * 0.00001 + 0.0005, door.summary()
     # The per-attempt operating point does what it says, and is stricter than the pairwise threshold.
     assert per_attempt.far <= 0.001 and per_attempt.threshold <= strict.threshold
     # The looser threshold admits more strangers and refuses fewer residents: the trade-off is real.

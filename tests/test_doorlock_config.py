@@ -15,7 +15,7 @@ EXAMPLE = REPO / "device" / "doorlock" / "example.toml"
 def test_example_config_is_valid() -> None:
     config = load_config(EXAMPLE)
     assert config.relay.active_high is False and config.relay.pin == 17
-    assert config.decision.threshold == "far_0.1pct"
+    assert config.decision.threshold == "far_0.001pct"
     assert config.storage.snapshots == Path("/var/lib/doorlock/refused")
     assert config.detector.yunet_model is None  # "" means: Haar
 

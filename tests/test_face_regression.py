@@ -65,11 +65,13 @@ def test_manifest_thresholds_are_the_int8_models(bundle, eval_set, embeddings):
     split, keys, _ = eval_set
     embedder, int8 = embeddings["int8"]
     recalibrated, details = PairSet(split.eval_pairs, keys).thresholds(int8)
-    assert set(bundle.thresholds) == {"far_0.1pct", "best_accuracy"}
+    assert set(bundle.thresholds) == {"far_0.1pct", "far_0.001pct", "best_accuracy"}
     for name, value in recalibrated.items():
         assert bundle.thresholds[name] == pytest.approx(value, abs=1e-5)
         assert embedder.threshold(name) == bundle.thresholds[name]
     assert details["far_0.1pct"]["far_all_impostors"] <= 0.001
+    assert details["far_0.001pct"]["far_all_impostors"] <= 0.00001
+    assert bundle.thresholds["far_0.001pct"] < bundle.thresholds["far_0.1pct"]
     float_thresholds = bundle.model_info("float")["thresholds"]
     assert embeddings["float"][0].threshold() == float_thresholds["far_0.1pct"]
 

@@ -48,7 +48,9 @@ class DetectorConfig:
 
 @dataclass
 class DecisionConfig:
-    threshold: str | float = "far_0.1pct"  # a bundle threshold name, or a distance
+    # A bundle threshold name, or a distance. far_0.001pct per PAIR because a stranger is compared with every
+    # enrolled embedding: with ~100 of them that is about 0.1% per attempt (far_0.1pct would be ~10%).
+    threshold: str | float = "far_0.001pct"
     votes_needed: int = 3
     window: int = 5
     cooldown_s: float = 5.0
