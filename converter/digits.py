@@ -8,14 +8,13 @@ from typing import Any
 
 import keras
 import numpy as np
-from tqdm import tqdm
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
+                               write_bundle)
 from converter.tflite import to_float
 from device.preprocess import MNIST_SPEC, normalize
-from device.runtime import Model
 from training.datasets.mnist import load_mnist
 
 LABELS = [str(d) for d in range(10)]
@@ -23,7 +22,7 @@ LABELS = [str(d) for d in range(10)]
 
 def predict_labels(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
     """Class predictions of a .tflite file through the device runtime (what ships is what we measure)."""
-    return Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=2)).argmax(axis=1)
+    return device_outputs(path, x, desc).argmax(axis=1)
 
 
 def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,

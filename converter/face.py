@@ -13,14 +13,13 @@ from typing import Any
 
 import keras
 import numpy as np
-from tqdm import tqdm
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
-from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
+                               write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
 from device.face import FACE_SPEC, unit
-from device.runtime import Model
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
@@ -35,8 +34,7 @@ FAR_DOOR = 0.00001
 
 def embed_file(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
     """Unit embeddings of a .tflite through the device runtime, as `FaceEmbedder.embed` computes them."""
-    raw = Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=5))
-    return np.stack([unit(v) for v in raw])
+    return np.stack([unit(v) for v in device_outputs(path, x, desc)])
 
 
 def impostor_distances(embeddings: np.ndarray, identities: np.ndarray) -> np.ndarray:

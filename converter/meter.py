@@ -12,11 +12,11 @@ from typing import Any
 
 import keras
 import numpy as np
-from tqdm import tqdm
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import FLOAT_FILE, INT8_FILE, markdown_table, model_pair, toolchain, write_bundle
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
+                               write_bundle)
 from converter.tflite import to_float
 from device.meter.model import CLASSES, METER_SPEC, ROLLING_MARGIN, TASK, MeterDigitModel, batch_latency_ms, decode
 from device.runtime import Model
@@ -31,8 +31,7 @@ AIMS = {"whole_digit_accuracy": 0.995, "rolling_within_0.2": 0.98}
 
 def predict_positions(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
     """Wheel positions of a .tflite file through the device runtime (what ships is what we measure)."""
-    probabilities = Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=2))
-    return decode(probabilities)[0]
+    return decode(device_outputs(path, x, desc))[0]
 
 
 def read_digits(values: np.ndarray) -> np.ndarray:

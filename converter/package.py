@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
+
 from converter.edgetpu import check_edgetpu
 from converter.gate import score_bytes
 from device.bench import latency_ms
@@ -46,6 +49,14 @@ class ModelPair:
     models: dict[str, Any]  # the manifest's "models" entry
     edgetpu: dict[str, Any]  # the int8 model's Edge TPU check, as the manifest's "edgetpu" entry
     latency: dict[str, dict[str, float]]  # file name → single-thread latency (median, p90 ms)
+
+
+def device_outputs(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
+    """First output of a .tflite for every sample, through the device runtime, with a progress bar.
+
+    Every task measures this way, so what the gate sees is what a device computes.
+    """
+    return Model(path).predict(x, progress=lambda r: tqdm(r, desc=desc, unit="img", mininterval=2))
 
 
 def model_pair(float_bytes: bytes, int8_bytes: bytes, io_type: str) -> ModelPair:

@@ -68,15 +68,16 @@ def crop_face(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     region = gray[max(0, y0) : min(height, y0 + side), max(0, x0) : min(width, x0 + side)]
     if pad_left or pad_top or pad_right or pad_bottom:
         region = cv2.copyMakeBorder(region, pad_top, pad_bottom, pad_left, pad_right, cv2.BORDER_REPLICATE)
-    return resize_square(region, CROP_SIZE)
+    return resize_gray(region, CROP_SIZE)
 
 
-def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
-    """Square grey image → size x size; area averaging when shrinking avoids aliasing on big faces."""
-    if gray.shape == (size, size):
+def resize_gray(gray: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """Grey image → height x width (square by default); area averaging when shrinking avoids aliasing."""
+    width = height if width is None else width
+    if gray.shape == (height, width):
         return gray
-    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
-    return cv2.resize(gray, (size, size), interpolation=interpolation)
+    interpolation = cv2.INTER_AREA if gray.shape[0] > height else cv2.INTER_LINEAR
+    return cv2.resize(gray, (width, height), interpolation=interpolation)
 
 
 def face_input(face_crop: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -85,12 +86,8 @@ def face_input(face_crop: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     Shared by the device and the converter's measurements, so the number in the report is the number
     the device gets.
     """
-    gray = to_gray(check_image(face_crop, "face crop"))
     height, width = (int(v) for v in spec["size"])
-    if gray.shape != (height, width):
-        interpolation = cv2.INTER_AREA if gray.shape[0] > height else cv2.INTER_LINEAR
-        gray = cv2.resize(gray, (width, height), interpolation=interpolation)
-    return normalize(gray, spec)
+    return normalize(resize_gray(to_gray(check_image(face_crop, "face crop")), height, width), spec)
 
 
 def unit(vector: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from device.detect import blur_score
 from device.doorlock.decide import Gallery
 from device.doorlock.pipeline import Recognizer
-from device.face import CROP_SIZE
+from device.face import CROP_SIZE, resize_gray
 from device.images import ImageError, load_image, to_gray
 
 SCHEMA = """
@@ -160,7 +160,7 @@ def face_from_image(recognizer: Recognizer, image: np.ndarray, source: str) -> t
 
 def face_from_crop(recognizer: Recognizer, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An image that is already a face crop framed like the embedder's training data (e.g. an LFW crop)."""
-    crop = cv2.resize(to_gray(image), (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+    crop = resize_gray(to_gray(image), CROP_SIZE)
     return crop, recognizer.embedder.embed(crop)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.face import CROP_SIZE, resize_square
+from device.face import CROP_SIZE, resize_gray
 from device.images import load_image, to_gray
 from training.datasets import DataNotFoundError, data_root
 
@@ -132,7 +132,7 @@ def load_face(path: Path) -> np.ndarray:
         side = min(gray.shape)
         top, left = (gray.shape[0] - side) // 2, (gray.shape[1] - side) // 2
         gray = gray[top : top + side, left : left + side]
-    return resize_square(gray, CROP_SIZE)
+    return resize_gray(gray, CROP_SIZE)
 
 
 def load_faces(paths: Sequence[Path], progress: bool = True) -> np.ndarray:
