@@ -24,7 +24,8 @@ from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
 from training.face.train import load_lfw
-from training.teacher import TeacherCache, load_teacher, teacher_available, teacher_embeddings, teacher_model_bytes
+from training.teacher import (TeacherCache, default_workers, load_teacher, teacher_available, teacher_embeddings,
+                              teacher_model_bytes)
 
 FAR_STRICT = 0.001
 # A door lock compares a stranger with every enrolled embedding (~100 for a household), so its per-attempt
@@ -99,7 +100,7 @@ def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
         if teacher_available():
             teacher = load_teacher()
             return teacher_embeddings(crops, TeacherCache(cache_dir, teacher.model_digest), teacher.embed,
-                                      desc="teacher (eval)")
+                                      desc="teacher (eval)", workers=default_workers())
         return teacher_embeddings(crops, TeacherCache.existing(cache_dir), None)
     except RuntimeError as exc:
         print(f"teacher not measured: {exc}", flush=True)

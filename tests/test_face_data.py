@@ -33,6 +33,17 @@ from training.face.metrics import (
 from training.teacher import TeacherCache, TeacherUnavailable, teacher_embeddings
 
 
+class Projection:
+    """A picklable stand-in for dlib (a fixed random projection), so worker processes can load it."""
+
+    def __init__(self, seed: int = 0):
+        self.matrix = np.random.default_rng(seed).normal(size=(128 * 128, 128)).astype(np.float32)
+
+    def __call__(self, crop: np.ndarray) -> np.ndarray:
+        v = crop.reshape(-1).astype(np.float32) @ self.matrix
+        return v / np.linalg.norm(v)
+
+
 @pytest.fixture(scope="module")
 def lfw(data_dir):
     faces = find_faces_dir(data_dir)
@@ -168,3 +179,15 @@ def test_crop_face_reproduces_the_training_framing(lfw):
     for bad in [(0, 0, 0, 10), (5000, 5000, 10, 10), ("a", 0, 1, 1)]:
         with pytest.raises(ImageError):
             crop_face(frame, bad)
+
+
+def test_teacher_worker_processes_return_every_embedding_in_order(lfw, tmp_path):
+    """Two spawned workers must give exactly what one process gives, each vector under its own image's key."""
+    people, _, _ = lfw
+    paths = [path for name in sorted(people)[:400] for path in people[name].values()][:160]
+    crops = np.stack([load_face(p) for p in paths])
+    serial = teacher_embeddings(crops, TeacherCache(tmp_path / "serial", "m"), Projection())
+    parallel_cache = TeacherCache(tmp_path / "parallel", "m")
+    parallel = teacher_embeddings(crops, parallel_cache, Projection(), workers=2)
+    np.testing.assert_allclose(parallel, serial, rtol=0, atol=1e-6)
+    assert len(TeacherCache(tmp_path / "parallel", "m")) == len({c.tobytes() for c in crops})

@@ -7,6 +7,8 @@ The teacher test needs dlib (host extra `teacher`) and is skipped without it.
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,7 @@ def test_teacher_separates_a_real_pair(eval_set):
     distance = {name: np.linalg.norm(embed[p.keys()[0]] - embed[p.keys()[1]])
                 for name, p in (("same", same), ("different", different))}
     assert distance["same"] < distance["different"]
+    # worker processes get the teacher by pickling, which loads the same model files again
+    clone = pickle.loads(pickle.dumps(teacher))
+    assert clone.model_digest == teacher.model_digest
+    np.testing.assert_allclose(clone.embed(crops[index[same.keys()[0]]]), embed[same.keys()[0]], atol=1e-6)

@@ -11,8 +11,9 @@ The 5-point landmark and ResNet models are public domain; dlib's 68-point model 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,11 @@ class DlibTeacher:
         self._resnet = dlib.face_recognition_model_v1(str(resnet))
         self._rectangle = dlib.rectangle
 
+    def __reduce__(self) -> tuple:
+        """Pickled as "load the teacher again": dlib's objects cannot be pickled, but worker processes
+        (see `teacher_embeddings(workers=...)`) can load their own copy of the same model files."""
+        return (DlibTeacher, ())
+
     def embed(self, crop: np.ndarray) -> np.ndarray:
         """One grey crop framed like lfw-crop-gray-128 → unit 128-D embedding.
 
@@ -156,13 +162,48 @@ def teacher_available() -> bool:
     return True
 
 
+_worker_embed: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _start_worker(embed: Callable[[np.ndarray], np.ndarray]) -> None:
+    global _worker_embed
+    _worker_embed = embed
+
+
+def _embed_in_worker(image: np.ndarray) -> np.ndarray:
+    assert _worker_embed is not None, "worker started without an embed function"
+    return _worker_embed(image)
+
+
+def _embedded(images: list[np.ndarray], embed: Callable[[np.ndarray], np.ndarray], workers: int) -> Iterator[np.ndarray]:
+    """Embeddings of `images` in order; with workers > 1, from that many spawned processes.
+
+    dlib runs one encoding per core, so the teacher's hours scale down with cores. Processes are
+    *spawned* (not forked) because the caller usually has TensorFlow's thread pools running; `embed`
+    is pickled once per worker (a DlibTeacher pickles as "load the model files again").
+    """
+    if workers <= 1:
+        yield from (embed(image) for image in images)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(embed,)) as pool:
+        yield from pool.map(_embed_in_worker, images, chunksize=32)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
 def teacher_embeddings(images: Sequence[np.ndarray] | np.ndarray, cache: TeacherCache,
                        embed: Callable[[np.ndarray], np.ndarray] | None, desc: str = "teacher",
-                       save_every: int = 500) -> np.ndarray:
+                       save_every: int = 500, workers: int = 1) -> np.ndarray:
     """Embeddings for every image, computing only what the cache lacks (saved as it goes).
 
     `embed=None` means "cache only": a missing entry raises TeacherUnavailable, so training without
-    dlib works exactly when the cache is complete.
+    dlib works exactly when the cache is complete. `workers` > 1 computes in that many processes.
     """
     from tqdm import tqdm
 
@@ -171,11 +212,14 @@ def teacher_embeddings(images: Sequence[np.ndarray] | np.ndarray, cache: Teacher
         raise TeacherUnavailable(f"{len(missing)} of {len(images)} teacher embeddings are not cached; "
                                  + TEACHER_MISSING)
     if missing:
+        workers = max(1, min(workers, len(missing) // 64 or 1))
         print(f"{desc}: {len(images) - len(missing):,} cached, computing {len(missing):,} "
-              f"(~{len(missing) * 0.09 / 60:.0f} min at ~85 ms each)", flush=True)
+              f"(~{len(missing) * 0.09 / 60 / workers:.0f} min at ~85 ms each on {workers} core(s))", flush=True)
         started = time.time()
-        for done, i in enumerate(tqdm(missing, desc=desc, unit="img", mininterval=5), start=1):
-            cache.put(images[i], embed(images[i]))
+        vectors = _embedded([images[i] for i in missing], embed, workers)
+        for done, (i, vector) in enumerate(tqdm(zip(missing, vectors), total=len(missing), desc=desc, unit="img",
+                                                mininterval=5), start=1):
+            cache.put(images[i], vector)
             if done % save_every == 0:
                 cache.save()
         cache.save()

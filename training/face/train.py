@@ -28,7 +28,8 @@ from training.face.data import FaceSet, PKSampler, pair_images, student_inputs, 
 from training.face.metrics import best_threshold, pair_distances, roc_auc, verification_report
 from training.face.models import ARCHITECTURES, EMBEDDING_SIZE
 from training.face.recipes import RECIPES, TEACHER_LOSSES
-from training.teacher import TeacherCache, TeacherUnavailable, load_teacher, teacher_available, teacher_embeddings
+from training.teacher import (TeacherCache, TeacherUnavailable, default_workers, load_teacher, teacher_available,
+                              teacher_embeddings)
 
 TRIPLET_MARGIN = 0.2
 COSFACE_SCALE, COSFACE_MARGIN = 30.0, 0.35
@@ -108,7 +109,8 @@ def load_lfw(data_dir: str | Path | None) -> tuple[dict, Split]:
     return people, make_split(people, read_pairs(find_pairs_file(data_dir, faces_dir)))
 
 
-def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = False,
+                    workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Teacher embeddings of exactly these pixels, and a mask of the samples that have one.
 
     Normally every target is required (computed where dlib is installed, else read from the cache);
@@ -124,14 +126,15 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
         targets = np.stack([f if f is not None else np.zeros(EMBEDDING_SIZE, np.float32) for f in found])
         print(f"teacher targets: {mask.sum():,} of {len(crops):,} samples cached; training on those", flush=True)
         return targets, mask
-    targets = teacher_embeddings(crops, cache, teacher.embed if teacher else None, desc="teacher (train)")
+    targets = teacher_embeddings(crops, cache, teacher.embed if teacher else None, desc="teacher (train)",
+                                 workers=workers)
     return targets, np.ones(len(crops), dtype=bool)
 
 
 def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 28, versions: int = 1,
           p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 8, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
-          evaluate: bool = True, cached_teacher_only: bool = False) -> Path:
+          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int | None = None) -> Path:
     """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
 
     `subset_people` trains on the first N training identities only (smoke runs in tests).
@@ -145,7 +148,8 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         split.train_people = split.train_people[:subset_people]
     data = training_set(split, people, versions)
     if TEACHER_LOSSES & set(weights):
-        targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only)
+        targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only,
+                                        teacher_workers or default_workers())
         data = FaceSet(data.crops[keep], data.labels[keep], [k for k, m in zip(data.keys, keep) if m],
                        data.versions[keep])
         targets = centred(targets[keep])
