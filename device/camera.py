@@ -68,6 +68,11 @@ class FrameSource:
         """The next frame, BGR uint8 (H, W, 3)."""
         raise NotImplementedError
 
+    def read_latest(self) -> np.ndarray:
+        """A frame from now rather than the next one queued: for callers that read seldom (a meter read
+        once a minute). Sources without a queue (folders, files, picamera2's 2 buffers) just `read()`."""
+        return self.read()
+
     def close(self) -> None:
         """Release the device or file. Safe to call twice."""
 
@@ -114,6 +119,26 @@ class CaptureSource(FrameSource):
             if self.live:
                 raise CameraError(f"{self.name}: stopped delivering frames")
             raise EndOfStream(f"{self.name}: end of video")
+        return to_bgr(frame, self.name)
+
+    def read_latest(self, max_queued: int = 30, fresh_after_s: float = 0.008) -> np.ndarray:
+        """Skip the frames the driver or an RTSP demuxer queued since the last read, then read.
+
+        Queued frames come back from `grab()` at once; the first grab that has to wait for the camera
+        is a frame taken now. BUFFERSIZE=1 already keeps V4L2's queue short, but FFmpeg's network
+        streams ignore it, and a meter read once a minute would otherwise report the past.
+        """
+        if not self.live:
+            return self.read()
+        for _ in range(max_queued):
+            started = time.monotonic()
+            if not self._cap.grab():
+                raise CameraError(f"{self.name}: stopped delivering frames")
+            if time.monotonic() - started > fresh_after_s:
+                break
+        ok, frame = self._cap.retrieve()
+        if not ok:
+            raise CameraError(f"{self.name}: stopped delivering frames")
         return to_bgr(frame, self.name)
 
     def close(self) -> None:
@@ -215,6 +240,12 @@ class Reconnecting(FrameSource):
         self._source = opener()  # fail fast at start-up: a wrong spec should be reported, not retried
 
     def read(self) -> np.ndarray:
+        return self._read(latest=False)
+
+    def read_latest(self) -> np.ndarray:
+        return self._read(latest=True)
+
+    def _read(self, latest: bool) -> np.ndarray:
         if self._source is None:
             self._sleep(self._delay)
             try:
@@ -224,7 +255,7 @@ class Reconnecting(FrameSource):
                 raise
             self.reconnects += 1
         try:
-            frame = self._source.read()
+            frame = self._source.read_latest() if latest else self._source.read()
         except CameraError:
             self._drop()
             raise

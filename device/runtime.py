@@ -9,8 +9,13 @@ is installed, so the converter's measurements and a Raspberry Pi run the same co
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +29,9 @@ _EDGETPU_LIBRARY = {
     "Darwin": "libedgetpu.1.dylib",
     "Windows": "edgetpu.dll",
 }.get(platform.system(), "libedgetpu.so.1")
+
+
+_log = logging.getLogger(__name__)
 
 
 class ModelError(Exception):
@@ -56,6 +64,34 @@ def is_edgetpu_compiled(path: Path) -> bool:
         return b"edgetpu-custom-op" in handle.read()
 
 
+@contextmanager
+def native_messages_to_log() -> Iterator[None]:
+    """Route what the C++ runtime writes to stderr meanwhile (e.g. "INFO: Created TensorFlow Lite XNNPACK
+    delegate for CPU.") to this module's logger, so a service's JSON-line log stays one JSON object per line.
+
+    Works on file descriptor 2, since the runtime writes below Python's `sys.stderr`. "ERROR"/"WARNING"
+    lines are logged as warnings (the exception that usually follows says what failed), the rest as debug.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (some service managers): nothing to route
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    level = logging.WARNING if line.startswith(("ERROR", "WARNING")) else logging.DEBUG
+                    _log.log(level, "runtime: %s", line.strip())
+
+
 def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool | None = None) -> Any:
     """Create and allocate an interpreter for a model file.
 
@@ -75,10 +111,11 @@ def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool
         delegates.append(delegate)
     threads = threads or os.cpu_count() or 1
     try:
-        interpreter = module.Interpreter(
-            model_path=str(path), experimental_delegates=delegates or None, num_threads=threads
-        )
-        interpreter.allocate_tensors()
+        with native_messages_to_log():
+            interpreter = module.Interpreter(
+                model_path=str(path), experimental_delegates=delegates or None, num_threads=threads
+            )
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path} is not a usable TFLite model: {exc}") from exc
     return interpreter

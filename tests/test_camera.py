@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -150,3 +151,45 @@ def test_lost_camera_reconnects_with_back_off(video: Path, tmp_path: Path) -> No
     source.read()
     assert len(delays) == 5  # no waiting while frames flow
     source.close()
+
+
+class _Paced:
+    """The recorded capture with a camera's timing: `queued` frames are waiting in the driver's queue
+    (a grab returns at once), after that each grab waits for the next exposure, like a live camera."""
+
+    def __init__(self, capture: cv2.VideoCapture, queued: int, frame_s: float = 0.04):
+        self.capture, self.queued, self.frame_s = capture, queued, frame_s
+
+    def grab(self) -> bool:
+        if self.queued > 0:
+            self.queued -= 1
+        else:
+            time.sleep(self.frame_s)
+        return self.capture.grab()
+
+    def retrieve(self):
+        return self.capture.retrieve()
+
+    def read(self):
+        return self.capture.read()
+
+    def release(self) -> None:
+        self.capture.release()
+
+
+def _closest(frame: np.ndarray, expected: list[np.ndarray]) -> int:
+    return int(np.argmin([np.abs(frame.astype(int) - e.astype(int)).mean() for e in expected]))
+
+
+def test_read_latest_skips_frames_queued_since_the_last_read(video: Path, data_dir: Path) -> None:
+    """A meter read once a minute must see the meter now: queued frames are dropped, the fresh one returned."""
+    expected = scene_frames(data_dir)
+    source = CaptureSource(str(video), live=True)
+    source._cap = _Paced(source._cap, queued=2)
+    assert _closest(source.read_latest(), expected) == 2  # frames 0 and 1 were stale
+    assert _closest(source.read(), expected) == 3  # plain reads are unchanged
+    source._cap.queued = 10  # more queued than we are willing to drain: stop after max_queued
+    assert _closest(source.read_latest(max_queued=1), expected) == 4
+    source.close()
+    with open_source(str(video)) as recording:  # a recording is not live: nothing is skipped
+        assert _closest(recording.read_latest(), expected) == 0

@@ -120,7 +120,7 @@ class MeterService:
             while not stop.is_set() and (max_frames is None or frames < max_frames):
                 started = time.monotonic()
                 try:
-                    frame = source.read()
+                    frame = source.read_latest()  # not a frame queued since the last interval
                 except EndOfStream:
                     break
                 except (FrameError, CameraError) as exc:
