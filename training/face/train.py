@@ -34,6 +34,7 @@ from training.teacher import (TeacherCache, TeacherUnavailable, default_workers,
 TRIPLET_MARGIN = 0.2
 COSFACE_SCALE, COSFACE_MARGIN = 30.0, 0.35
 DEFAULT_CACHE = Path("build/face/teacher")
+CHECKPOINT = "checkpoint-best.keras"  # best validation epoch so far, rewritten while training runs
 
 
 def semi_hard_triplet_loss(labels: tf.Tensor, embeddings: tf.Tensor, margin: float = TRIPLET_MARGIN) -> tf.Tensor:
@@ -206,10 +207,13 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
               + f" ({time.time() - started:.0f} s)", flush=True)
         if val["accuracy"] > best["accuracy"]:
             best = {"accuracy": val["accuracy"], "epoch": epoch, "weights": model.get_weights()}
+            out.mkdir(parents=True, exist_ok=True)
+            model.save(out / CHECKPOINT)  # hours of CPU are not lost to a killed run
         elif epoch - best["epoch"] >= patience:
             print(f"early stop: validation accuracy has not improved for {patience} epochs", flush=True)
             break
     model.set_weights(best["weights"])
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the finished run's model.keras supersedes it
     seconds = time.time() - started
     info: dict[str, Any] = {
         "task": "face",
