@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from training.datasets import DataNotFoundError
 from training.datasets.meter import (
+    LCD_GROUPS,
     SPLITS,
     TEST_GROUPS,
     VALIDATION_GROUPS,
@@ -17,7 +19,7 @@ from training.datasets.meter import (
     load_meter_digits,
     parse_label,
 )
-from training.meter import is_whole
+from training.meter import blank_position, is_whole, with_blanks
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,34 @@ def test_images_are_bgr_crops_and_rolling_labels_exist(dataset) -> None:
 def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="--data-dir"):
         load_meter_digits(tmp_path)
+
+
+def _ink(image: np.ndarray) -> float:
+    """Stroke contrast: spread of the grey levels' fine detail (minus a blur a stroke wide), so a light
+    gradient over the glass does not count as ink."""
+    grey = image.mean(axis=2).astype(np.float32)
+    detail = grey - cv2.GaussianBlur(grey, (0, 0), grey.shape[1] / 6)
+    return float(np.percentile(detail, 95) - np.percentile(detail, 5))
+
+
+def test_lcd_groups_exist_and_blank_positions_lose_their_segments(dataset) -> None:
+    """Blank LCD positions (read as leading zeros) are synthesised from real LCD crops of training meters only."""
+    seen = set(dataset.splits["train"].groups) | set(dataset.splits["validation"].groups)
+    assert set(LCD_GROUPS) <= seen and not set(LCD_GROUPS) & set(TEST_GROUPS)
+    crops = dataset.splits["train"] + dataset.splits["validation"]
+    rng = np.random.default_rng(0)
+    lcd = [i for i, g in enumerate(crops.groups) if g in LCD_GROUPS]
+    ratios = []
+    for i in rng.choice(lcd, 100, replace=False):
+        blank = blank_position(crops.images[i], rng)
+        assert blank.shape == crops.images[i].shape and blank.dtype == np.uint8
+        ratios.append(_ink(blank) / _ink(crops.images[i]))
+    assert max(ratios) < 0.75 and np.median(ratios) < 0.4  # at most a faint ghost of the segments is left
+
+    chosen = rng.choice(len(crops), 3000)
+    images, values = with_blanks(crops, chosen, rng, share=0.5)
+    changed = np.array([im is not crops.images[i] for im, i in zip(images, chosen)])
+    in_lcd = np.array([crops.groups[i] in LCD_GROUPS for i in chosen])
+    assert changed.any() and not (changed & ~in_lcd).any()  # wheels are never blanked
+    assert (values[changed] == 0.0).all()
+    np.testing.assert_array_equal(values[~changed], crops.labels[chosen][~changed])

@@ -5,7 +5,8 @@ Frames are COMPOSED (device/meter/compose.py): real digit-window crops of one ph
 counter band with four reference marks, then shifted, rotated, put in perspective, lit unevenly and
 blurred. The data set has crops only, no whole-meter recordings with known readings, so this is the
 closest honest stand-in. The crops are chosen, per label, among those the real int8 model reads
-correctly on their own (within ±0.15), so these tests measure what the reader adds — alignment,
+correctly on their own (within ±0.1, the labels' own precision; a looser pick let a `9.7` crop read
+as 9.81 cross the last wheel's 0.2 carry tolerance), so these tests measure what the reader adds — alignment,
 cropping, batching, assembly, refusal — and not the model's accuracy, which the bundle's report
 measures on held-out meters.
 """
@@ -68,9 +69,9 @@ def test_assembly_accepts_a_wheel_value_of_exactly_ten() -> None:
 
 
 def crop_picker(model: MeterDigitModel, data_dir: Path) -> Callable[[tuple[str, ...]], list[np.ndarray]]:
-    """labels -> one crop per label from GROUP, the first that the model reads within ±0.15 on its own."""
+    """labels -> one crop per label from GROUP, the first that the model reads within ±0.1 on its own."""
     def reads_correctly(image: np.ndarray, label: str) -> bool:
-        return float(circular_distance(model.classify([image])[0].value, float(label))) <= 0.15
+        return float(circular_distance(model.classify([image])[0].value, float(label))) <= 0.1 + 1e-6
 
     return lambda labels: choose_crops(data_dir / GROUP, list(labels), reads_correctly)
 

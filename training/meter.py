@@ -18,7 +18,8 @@ from keras import layers
 
 from device.meter.model import CLASSES, METER_SPEC, circular_distance, crop_to_input, decode
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
-from training.datasets.meter import SUBDIR, TEST_GROUPS, VALIDATION_GROUPS, MeterCrops, load_meter_digits
+from training.datasets.meter import (LCD_GROUPS, SUBDIR, TEST_GROUPS, VALIDATION_GROUPS, MeterCrops,
+                                     load_meter_digits)
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation: what differs between meters and between photos of one meter. Applied to the raw
@@ -61,6 +62,39 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.3:
         x += rng.normal(0, rng.uniform(2, 10), size=x.shape).astype(np.float32)
     return np.clip(x, 0, 255).astype(np.uint8)
+
+
+BLANK_SHARE = 0.25  # share of LCD samples shown as a blank position, per epoch
+
+
+def blank_position(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same LCD window showing no digit: its dark segments closed away, a faint ghost of them left.
+
+    Segment counters blank their leading positions (`  1234` is 001234), and the community data labels
+    such a position 0.0, but no training meter shows one, so without this a blank reads as whatever
+    its ghost segments resemble (measured: mostly 1). A grey-level closing wider than a stroke removes
+    the dark segments and keeps the glass, the light and the window's edges; unlit LCD segments stay
+    faintly visible, hence the ghost.
+    """
+    h, w = image.shape[:2]
+    size = max(3, int(round(0.35 * w))) | 1
+    background = cv2.morphologyEx(image, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (size, size)))
+    background = cv2.GaussianBlur(background, (0, 0), max(1.0, w / 20))
+    ghost = rng.uniform(0.0, 0.2)
+    return np.clip(background * (1 - ghost) + image.astype(np.float32) * ghost, 0, 255).astype(np.uint8)
+
+
+def with_blanks(crops: MeterCrops, chosen: np.ndarray, rng: np.random.Generator,
+                share: float = BLANK_SHARE) -> tuple[list[np.ndarray], np.ndarray]:
+    """The epoch's images and labels, a `share` of the LCD samples turned into blank positions read as 0."""
+    images, values = [], crops.labels[chosen].copy()
+    for n, i in enumerate(chosen):
+        if crops.groups[i] in LCD_GROUPS and rng.random() < share:
+            images.append(blank_position(crops.images[i], rng))
+            values[n] = 0.0
+        else:
+            images.append(crops.images[i])
+    return images, values
 
 
 def inputs(crops: list[np.ndarray]) -> np.ndarray:
@@ -226,8 +260,9 @@ def train(out: Path, epochs: int = 30, batch: int = 64, width: int = 24, data_di
     history: dict[str, list[float]] = {"loss": [], "val_whole_digit_accuracy": [], "val_rolling_within_0.2": []}
     for epoch in range(epochs):
         chosen = balanced_epoch(train_crops, rng)
-        x = inputs([augment(train_crops.images[i], rng) for i in chosen])
-        y = soft_targets(train_crops.labels[chosen])
+        images, values = with_blanks(train_crops, chosen, rng)
+        x = inputs([augment(image, rng) for image in images])
+        y = soft_targets(values)
         loss = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True).history["loss"][-1]
         val = evaluate(predict_values(model, x_val), y_val)
         history["loss"].append(float(loss))
@@ -254,6 +289,7 @@ def train(out: Path, epochs: int = 30, batch: int = 64, width: int = 24, data_di
         "split": {"rule": "by meter group, fixed lists in training/datasets/meter.py",
                   "train_groups": sorted(set(train_crops.groups)), "validation_groups": list(VALIDATION_GROUPS),
                   "test_groups": list(TEST_GROUPS)},
+        "blank_lcd_positions": {"groups": list(LCD_GROUPS), "share": BLANK_SHARE, "label": 0.0},
         "data": {"folder": SUBDIR.as_posix(), "duplicates_dropped": data.duplicates,
                  "not_a_digit_dropped": data.not_a_digit, "merged_groups": data.merged},
         "preprocessing": METER_SPEC,

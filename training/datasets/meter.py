@@ -55,6 +55,8 @@ VALIDATION_GROUPS: tuple[str, ...] = (
     "watermeter/watermeter_lcd",
 )
 SPLITS = ("train", "validation", "test")
+# Segment LCD counters (dark segments on a light glass) among the training and validation groups.
+LCD_GROUPS: tuple[str, ...] = ("lcd/digital italic", "watermeter/Metrona/cold", "watermeter/watermeter_lcd")
 
 
 def parse_label(name: str) -> float | None:
