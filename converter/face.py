@@ -19,7 +19,7 @@ from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_t
                                write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
-from device.face import FACE_SPEC, unit
+from device.face import FACE_SPEC, embeddings
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
@@ -35,7 +35,7 @@ FAR_DOOR = 0.00001
 
 def embed_file(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
     """Unit embeddings of a .tflite through the device runtime, as `FaceEmbedder.embed` computes them."""
-    return np.stack([unit(v) for v in device_outputs(path, x, desc)])
+    return embeddings(lambda batch: device_outputs(path, batch, desc), x, FACE_SPEC)
 
 
 def impostor_distances(embeddings: np.ndarray, identities: np.ndarray) -> np.ndarray:
@@ -127,7 +127,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
           f"({split.missing_pairs} lack an image), {len(keys):,} images of {len(set(pairs.identities)):,} people",
           flush=True)
 
-    keras_report = pairs.report(np.stack([unit(v) for v in model.predict(x_eval, batch_size=256, verbose=0)]))
+    keras_report = pairs.report(embeddings(lambda batch: model.predict(batch, batch_size=256, verbose=0), x_eval,
+                                           FACE_SPEC))
     print("converting to float32 TFLite …", flush=True)
     float_bytes = to_float(model)
     float_emb = score_bytes(float_bytes, lambda p: embed_file(p, x_eval, "float TFLite"))

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from device.face import FACE_SPEC
+from device.face import embeddings as device_embeddings
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
 from training.datasets.lfw import Split, find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
 from training.face.data import FaceSet, PKSampler, pair_images, student_inputs, training_set
@@ -90,7 +91,8 @@ def centred(targets: np.ndarray) -> np.ndarray:
 
 
 def embed_keras(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    return model.predict(x, batch_size=256, verbose=0)
+    """Embeddings as the device computes them (flip averaging included), so validation picks what ships."""
+    return device_embeddings(lambda batch: model.predict(batch, batch_size=256, verbose=0), x, FACE_SPEC)
 
 
 def verification(embeddings: dict[str, np.ndarray], pairs: list) -> dict[str, Any]:
