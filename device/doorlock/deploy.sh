@@ -23,7 +23,13 @@ rsync -az --delete "$BUNDLE/" "$PI:~/$STAGE/models/face/"
 echo "==> installing on $PI"
 ssh "$PI" STAGE="$STAGE" bash -s <<'REMOTE'
 set -euo pipefail
-sudo apt-get install -y --no-install-recommends python3-venv python3-lgpio rsync >/dev/null
+# stdin is this script, so sudo cannot ask for a password: fail clearly instead of hanging/garbling
+sudo -n true 2>/dev/null || { echo "error: $(id -un)@$(hostname) needs passwordless sudo" >&2; exit 1; }
+sudo apt-get update -qq
+sudo apt-get install -y --no-install-recommends python3-venv rsync >/dev/null
+# Raspberry Pi OS only: on other Debians these do not exist, so warn instead of failing the deploy
+sudo apt-get install -y --no-install-recommends python3-lgpio >/dev/null || \
+    echo "warning: apt could not install python3-lgpio (not Raspberry Pi OS?); the relay needs a GPIO pin library ([relay] mock = true for a dry run)"
 sudo apt-get install -y --no-install-recommends python3-picamera2 >/dev/null || \
     echo "warning: apt could not install python3-picamera2 (not Raspberry Pi OS?); USB/RTSP cameras still work"
 id doorlock >/dev/null 2>&1 || sudo useradd --system --home /opt/doorlock --shell /usr/sbin/nologin doorlock
@@ -39,7 +45,14 @@ fi
 [ -f /etc/doorlock/doorlock.toml ] || sudo cp /opt/doorlock/device/doorlock/example.toml /etc/doorlock/doorlock.toml
 sudo chown -R doorlock:doorlock /var/lib/doorlock
 sudo DOORLOCK_CONFIG=/etc/doorlock/doorlock.toml /opt/doorlock/.venv/bin/doorlock check-config >/dev/null
+sudo mkdir -p /etc/systemd/system
 sudo cp /opt/doorlock/device/doorlock/doorlock.service /etc/systemd/system/doorlock.service
+# No systemd running (a container, a chroot): everything is installed, only the service is not started
+if [ ! -d /run/systemd/system ]; then
+    echo "warning: systemd is not running on $(hostname); installed /etc/systemd/system/doorlock.service but did not start it."
+    echo "         Start it by hand:  sudo -u doorlock DOORLOCK_CONFIG=/etc/doorlock/doorlock.toml /opt/doorlock/.venv/bin/doorlock run"
+    exit 0
+fi
 sudo systemctl daemon-reload
 sudo systemctl enable doorlock >/dev/null
 sudo systemctl restart doorlock
