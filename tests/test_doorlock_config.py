@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,23 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     missing = run_cli("-m", "device.doorlock", "--config", str(tmp_path / "none.toml"), "list")
     assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path) -> None:
+    """A deploy runs check-config: it must catch a broken bundle before the service starts, not only bad TOML."""
+    good = tmp_path / "good.toml"
+    good.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n")
+    result = run_cli("-m", "device.doorlock", "--config", str(good), "check-config")
+    assert result.returncode == 0, result.stderr
+    assert "ok: int8 face model" in result.stdout and "far_0.001pct = distance 0." in result.stdout
+
+    broken = tmp_path / "face"
+    shutil.copytree(models_dir / "face", broken)
+    model = broken / "model_int8.tflite"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit
+    model.write_bytes(bytes(data))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"[model]\nbundle = '{broken}'\n")
+    result = run_cli("-m", "device.doorlock", "--config", str(bad), "check-config")
+    assert result.returncode == 2 and "sha256" in result.stderr and "Traceback" not in result.stderr

@@ -138,7 +138,13 @@ def _audit(args: argparse.Namespace, config: Config) -> int:
 
 
 def _check_config(args: argparse.Namespace, config: Config) -> int:
+    """Print the effective settings, then load what `run` will load (bundle with its sha256 checks, detector,
+    threshold), so a deploy fails here rather than when the service starts."""
     print(json.dumps(asdict(config), indent=2, default=str))
+    recognizer = Recognizer.from_config(config)
+    threshold = recognizer.threshold(config.decision.threshold)
+    print(f"ok: {recognizer.embedder.variant} face model {recognizer.embedder.model.path} verified, "
+          f"match threshold {config.decision.threshold} = distance {threshold:.4f}")
     return 0
 
 
@@ -207,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_audit)
 
-    p = sub.add_parser("check-config", help="validate the config and print the effective settings")
+    p = sub.add_parser("check-config", help="validate the config, print the effective settings, and load the face "
+                                            "bundle (sha256 verified), detector and threshold as `run` would")
     p.set_defaults(func=_check_config)
 
     p = sub.add_parser("bench", help="frames/s of the whole pipeline at 640x480, with per-stage times")
