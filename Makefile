@@ -39,7 +39,8 @@ quantize-meter: env
 	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
 
 # Face embedder distilled from dlib's ResNet. The teacher (host extra `teacher`: dlib compiles from source,
-# ~10-15 min once) is installed on first use; its embeddings are cached in build/face/teacher.
+# ~10-15 min once) is installed on first use; its embeddings of 6 versions of every training image are
+# cached in build/face/teacher (first run ~35 min on 2 cores), then ~50 min of training on 2 cores.
 $(VENV)/.teacher: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[host,device,dev,teacher]'
 	touch $@
@@ -50,7 +51,7 @@ quantize-face: env $(VENV)/.teacher
 
 # Optional: the recipe comparison table quoted in models/face/report.md (short runs, ~2 min each per epoch).
 face-recipes: env $(VENV)/.teacher
-	$(PY) -m training face --data-dir $(DATA_DIR) --out $(BUILD)/face/recipes --epochs 4 \
+	$(PY) -m training face --data-dir $(DATA_DIR) --out $(BUILD)/face/recipes --epochs 4 --versions 1 \
 		--compare triplet,cosface,distill,simmatch,distill+triplet,distill+cosface,distill+simmatch+triplet
 
 test: env

@@ -23,7 +23,7 @@ from device.face import FaceEmbedder
 def trained(tmp_path_factory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("face-train")
     result = run_cli("-m", "training", "face", "--recipe", "triplet", "--data-dir", str(data_dir), "--out", str(out),
-                     "--epochs", "2", "--subset-people", "300", "--p", "16")
+                     "--epochs", "2", "--subset-people", "300", "--p", "16", "--versions", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 2/2" in result.stdout and "val_accuracy" in result.stdout  # progress is shown
     return out / "model.keras"

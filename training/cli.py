@@ -73,15 +73,15 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="instead: short runs of these recipes into --out/<recipe>/ and a table --out/recipes.json")
     p.add_argument("--arch", choices=("edge", "seed"), default="edge",
                    help="edge: MobileFaceNet-like net we ship; seed: plain conv stack reference (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=28, help="most epochs (early stopping may end sooner; default: %(default)s)")
-    p.add_argument("--versions", type=int, default=1,
+    p.add_argument("--epochs", type=int, default=18, help="most epochs (early stopping may end sooner; default: %(default)s)")
+    p.add_argument("--versions", type=int, default=6,
                    help="versions per image: 1 = originals only; each more is a seeded mirror/shift/rotation/scale/"
-                        "brightness/contrast/blur jitter, embedded by the teacher too (+~11 min per 7.7k on one core; "
-                        "default: %(default)s)")
+                        "brightness/contrast/blur jitter, embedded by the teacher too (~11 core-minutes per 7.7k "
+                        "images, spread over --teacher-workers; default: %(default)s)")
     p.add_argument("--p", type=int, default=32, help="identities per batch (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="samples per identity in a batch (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default: %(default)s)")
     p.add_argument("--subset-people", type=int, default=None, help="train on the first N identities only (smoke runs)")
     p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
                    help="teacher embedding cache folder (default: %(default)s)")

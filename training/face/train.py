@@ -134,8 +134,8 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
     return targets, np.ones(len(crops), dtype=bool)
 
 
-def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 28, versions: int = 1,
-          p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 8, data_dir: str | Path | None = None,
+def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 18, versions: int = 6,
+          p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 6, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
           evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int | None = None) -> Path:
     """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
