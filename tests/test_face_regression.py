@@ -113,3 +113,13 @@ def test_teacher_separates_a_real_pair(eval_set):
     clone = pickle.loads(pickle.dumps(teacher))
     assert clone.model_digest == teacher.model_digest
     np.testing.assert_allclose(clone.embed(crops[index[same.keys()[0]]]), embed[same.keys()[0]], atol=1e-6)
+
+
+def test_flip_averaged_embedding_is_mirror_invariant(bundle, eval_set, embeddings):
+    """The shipped bundle averages a crop's and its mirror image's outputs, so both give one embedding."""
+    _, _, crops = eval_set
+    embedder, _ = embeddings["int8"]
+    assert bundle.preprocessing.get("flip_average") is True
+    for crop in crops[:5]:
+        np.testing.assert_allclose(embedder.embed(np.ascontiguousarray(crop[:, ::-1])), embedder.embed(crop),
+                                   atol=1e-6)
