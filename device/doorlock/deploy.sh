@@ -39,8 +39,8 @@ sudo rsync -a --delete --exclude .venv "$HOME/$STAGE/" /opt/doorlock/
 [ -d /opt/doorlock/.venv ] || sudo python3 -m venv --system-site-packages /opt/doorlock/.venv
 sudo /opt/doorlock/.venv/bin/pip install --quiet --upgrade pip
 sudo /opt/doorlock/.venv/bin/pip install --quiet '/opt/doorlock[device]'
-if sudo /opt/doorlock/.venv/bin/pip list --local 2>/dev/null | grep -iq '^tensorflow'; then
-    echo "error: TensorFlow ended up in the device venv; .[device] must not pull it" >&2; exit 1
+if sudo /opt/doorlock/.venv/bin/pip list --local 2>/dev/null | grep -iqE '^(tensorflow[-_a-z]*|keras|tf[-_]keras) '; then
+    echo "error: TensorFlow or Keras ended up in the device venv; .[device] must not pull it" >&2; exit 1
 fi
 [ -f /etc/doorlock/doorlock.toml ] || sudo cp /opt/doorlock/device/doorlock/example.toml /etc/doorlock/doorlock.toml
 sudo chown -R doorlock:doorlock /var/lib/doorlock
