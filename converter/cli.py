@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and the dlib teacher side by side; match thresholds re-calibrated on each variant.")
     p.add_argument("--model", type=Path, default=Path("build/face/model/model.keras"),
                    help="trained Keras model (default: %(default)s)")
-    p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
-                   help="teacher embedding cache, for the teacher's numbers (default: %(default)s)")
+    p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher-eval"),
+                   help="teacher embeddings of the evaluation images, for the teacher's numbers; kept apart from "
+                        "training's cache (default: %(default)s)")
     p.add_argument("--recipes", type=Path, default=Path("build/face/recipes/recipes.json"),
                    help="recipe comparison table to include in the report, if present (default: %(default)s)")
     p.add_argument("--no-teacher", action="store_true",

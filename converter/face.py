@@ -109,7 +109,7 @@ def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
 
 def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 400,
                   max_drop_pp: float = 0.5, io_type: str = "int8", fix: bool = False, seed: int = 0,
-                  cache_dir: Path = Path("build/face/teacher"), recipes: Path | None = None,
+                  cache_dir: Path = Path("build/face/teacher-eval"), recipes: Path | None = None,
                   teacher: bool = True) -> bool:
     """Build the face bundle; returns whether int8 passed the gate (the CLI turns False into exit 1)."""
     model = keras.saving.load_model(keras_path)
