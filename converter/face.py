@@ -23,7 +23,7 @@ from device.face import FACE_SPEC, embeddings
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
-from training.face.train import load_lfw
+from training.face.train import embed_keras, load_lfw
 from training.teacher import (TeacherCache, default_workers, load_teacher, teacher_available, teacher_embeddings,
                               teacher_model_bytes)
 
@@ -127,8 +127,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
           f"({split.missing_pairs} lack an image), {len(keys):,} images of {len(set(pairs.identities)):,} people",
           flush=True)
 
-    keras_report = pairs.report(embeddings(lambda batch: model.predict(batch, batch_size=256, verbose=0), x_eval,
-                                           FACE_SPEC))
+    keras_report = pairs.report(embed_keras(model, x_eval))
     print("converting to float32 TFLite …", flush=True)
     float_bytes = to_float(model)
     float_emb = score_bytes(float_bytes, lambda p: embed_file(p, x_eval, "float TFLite"))

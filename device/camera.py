@@ -121,20 +121,23 @@ class CaptureSource(FrameSource):
             raise EndOfStream(f"{self.name}: end of video")
         return to_bgr(frame, self.name)
 
-    def read_latest(self, max_queued: int = 30, fresh_after_s: float = 0.008) -> np.ndarray:
+    def read_latest(self, max_queued: int = 150) -> np.ndarray:
         """Skip the frames the driver or an RTSP demuxer queued since the last read, then read.
 
-        Queued frames come back from `grab()` at once; the first grab that has to wait for the camera
-        is a frame taken now. BUFFERSIZE=1 already keeps V4L2's queue short, but FFmpeg's network
-        streams ignore it, and a meter read once a minute would otherwise report the past.
+        Queued frames come back from `grab()` faster than the camera makes them (decoding included); the
+        first grab that takes at least half a frame period had to wait for the camera: a frame taken now.
+        BUFFERSIZE=1 already keeps V4L2's queue short, but FFmpeg's network streams ignore it, and a meter
+        read once a minute would otherwise report the past. At most `max_queued` frames are dropped.
         """
         if not self.live:
             return self.read()
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        fresh_after_s = 0.5 / (fps if 1.0 <= fps <= 240.0 else 30.0)
         for _ in range(max_queued):
             started = time.monotonic()
             if not self._cap.grab():
                 raise CameraError(f"{self.name}: stopped delivering frames")
-            if time.monotonic() - started > fresh_after_s:
+            if time.monotonic() - started >= fresh_after_s:
                 break
         ok, frame = self._cap.retrieve()
         if not ok:

@@ -14,8 +14,9 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -64,6 +65,9 @@ def is_edgetpu_compiled(path: Path) -> bool:
         return b"edgetpu-custom-op" in handle.read()
 
 
+_stderr_lock = threading.Lock()
+
+
 @contextmanager
 def native_messages_to_log() -> Iterator[None]:
     """Route what the C++ runtime writes to stderr meanwhile (e.g. "INFO: Created TensorFlow Lite XNNPACK
@@ -71,25 +75,31 @@ def native_messages_to_log() -> Iterator[None]:
 
     Works on file descriptor 2, since the runtime writes below Python's `sys.stderr`. "ERROR"/"WARNING"
     lines are logged as warnings (the exception that usually follows says what failed), the rest as debug.
+    Serialised by a lock (fd 2 is process-wide); anything another thread writes to stderr meanwhile is
+    routed too. Where no stderr exists or no temporary file can be made, nothing is redirected.
     """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all (some service managers): nothing to route
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        sys.stderr.flush()
-        os.dup2(sink.fileno(), 2)
+    with _stderr_lock:
         try:
+            if sys.stderr is None or sys.stderr.fileno() != 2:
+                raise OSError("stderr is not file descriptor 2")
+            sink = tempfile.TemporaryFile()
+        except (OSError, ValueError):  # closed/replaced stderr, read-only or full temp dir
             yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                if line.strip():
-                    level = logging.WARNING if line.startswith(("ERROR", "WARNING")) else logging.DEBUG
-                    _log.log(level, "runtime: %s", line.strip())
+            return
+        with sink:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                for line in sink.read().decode(errors="replace").splitlines():
+                    if line.strip():
+                        level = logging.WARNING if line.startswith(("ERROR", "WARNING")) else logging.DEBUG
+                        _log.log(level, "runtime: %s", line.strip())
 
 
 def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool | None = None) -> Any:
@@ -111,7 +121,8 @@ def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool
         delegates.append(delegate)
     threads = threads or os.cpu_count() or 1
     try:
-        with native_messages_to_log():
+        # Not with a delegate: libedgetpu's fatal messages must reach the console, not a temporary file.
+        with native_messages_to_log() if not delegates else nullcontext():
             interpreter = module.Interpreter(
                 model_path=str(path), experimental_delegates=delegates or None, num_threads=threads
             )

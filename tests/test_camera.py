@@ -157,7 +157,7 @@ class _Paced:
     """The recorded capture with a camera's timing: `queued` frames are waiting in the driver's queue
     (a grab returns at once), after that each grab waits for the next exposure, like a live camera."""
 
-    def __init__(self, capture: cv2.VideoCapture, queued: int, frame_s: float = 0.04):
+    def __init__(self, capture: cv2.VideoCapture, queued: int, frame_s: float = 0.3):
         self.capture, self.queued, self.frame_s = capture, queued, frame_s
 
     def grab(self) -> bool:
@@ -169,6 +169,9 @@ class _Paced:
 
     def retrieve(self):
         return self.capture.retrieve()
+
+    def get(self, prop: int) -> float:
+        return self.capture.get(prop)  # the recording's 10 fps: a grab over 50 ms waited for the camera
 
     def read(self):
         return self.capture.read()
@@ -193,3 +196,17 @@ def test_read_latest_skips_frames_queued_since_the_last_read(video: Path, data_d
     source.close()
     with open_source(str(video)) as recording:  # a recording is not live: nothing is skipped
         assert _closest(recording.read_latest(), expected) == 0
+
+
+def test_reconnecting_source_passes_read_latest_through(video: Path, data_dir: Path) -> None:
+    """The meter service reads through `Reconnecting`; its read_latest must reach the capture's."""
+    expected = scene_frames(data_dir)
+
+    def opener() -> CaptureSource:
+        source = CaptureSource(str(video), live=True)
+        source._cap = _Paced(source._cap, queued=3)
+        return source
+
+    live = Reconnecting(opener, "video0", sleep=lambda s: None)
+    assert _closest(live.read_latest(), expected) == 3
+    live.close()

@@ -37,12 +37,12 @@ def _meter(args: argparse.Namespace) -> int:
 
 def _face(args: argparse.Namespace) -> int:
     from training.face.train import compare_recipes, train
-    from training.teacher import TeacherUnavailable
+    from training.teacher import TeacherUnavailable, default_workers
 
     options = dict(arch=args.arch, versions=args.versions, p=args.p, k=args.k, learning_rate=args.lr,
                    patience=args.patience, data_dir=args.data_dir, cache_dir=args.teacher_cache, seed=args.seed,
                    subset_people=args.subset_people, cached_teacher_only=args.cached_teacher_only,
-                   teacher_workers=args.teacher_workers)
+                   teacher_workers=args.teacher_workers or default_workers())
     try:
         if args.compare:
             compare_recipes(args.out, args.compare.split(","), epochs=args.epochs, **options)

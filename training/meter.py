@@ -87,7 +87,7 @@ def blank_position(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def with_blanks(crops: MeterCrops, chosen: np.ndarray, rng: np.random.Generator,
                 share: float = BLANK_SHARE) -> tuple[list[np.ndarray], np.ndarray]:
     """The epoch's images and labels, a `share` of the LCD samples turned into blank positions read as 0."""
-    images, values = [], crops.labels[chosen].copy()
+    images, values = [], crops.labels[chosen]
     for n, i in enumerate(chosen):
         if crops.groups[i] in LCD_GROUPS and rng.random() < share:
             images.append(blank_position(crops.images[i], rng))
@@ -289,7 +289,8 @@ def train(out: Path, epochs: int = 30, batch: int = 64, width: int = 24, data_di
         "split": {"rule": "by meter group, fixed lists in training/datasets/meter.py",
                   "train_groups": sorted(set(train_crops.groups)), "validation_groups": list(VALIDATION_GROUPS),
                   "test_groups": list(TEST_GROUPS)},
-        "blank_lcd_positions": {"groups": list(LCD_GROUPS), "share": BLANK_SHARE, "label": 0.0},
+        "blank_lcd_positions": {"groups": sorted(set(LCD_GROUPS) & set(train_crops.groups)), "share": BLANK_SHARE,
+                                "label": 0.0},
         "data": {"folder": SUBDIR.as_posix(), "duplicates_dropped": data.duplicates,
                  "not_a_digit_dropped": data.not_a_digit, "merged_groups": data.merged},
         "preprocessing": METER_SPEC,

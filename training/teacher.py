@@ -194,7 +194,8 @@ def _embedded(images: list[np.ndarray], embed: Callable[[np.ndarray], np.ndarray
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """Cores this process may use (affinity and container limits included)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def teacher_embeddings(images: Sequence[np.ndarray] | np.ndarray, cache: TeacherCache,
@@ -217,11 +218,13 @@ def teacher_embeddings(images: Sequence[np.ndarray] | np.ndarray, cache: Teacher
               f"(~{len(missing) * 0.09 / 60 / workers:.0f} min at ~85 ms each on {workers} core(s))", flush=True)
         started = time.time()
         vectors = _embedded([images[i] for i in missing], embed, workers)
-        for done, (i, vector) in enumerate(tqdm(zip(missing, vectors), total=len(missing), desc=desc, unit="img",
-                                                mininterval=5), start=1):
-            cache.put(images[i], vector)
-            if done % save_every == 0:
-                cache.save()
-        cache.save()
+        try:
+            for done, (i, vector) in enumerate(tqdm(zip(missing, vectors), total=len(missing), desc=desc,
+                                                    unit="img", mininterval=5), start=1):
+                cache.put(images[i], vector)
+                if done % save_every == 0:
+                    cache.save()
+        finally:  # an error or Ctrl-C keeps every embedding finished so far
+            cache.save()
         print(f"{desc}: {len(missing):,} encodings in {time.time() - started:.0f} s", flush=True)
     return np.stack([cache.get(image) for image in images])

@@ -29,8 +29,7 @@ from training.face.data import FaceSet, PKSampler, pair_images, student_inputs, 
 from training.face.metrics import best_threshold, pair_distances, roc_auc, verification_report
 from training.face.models import ARCHITECTURES, EMBEDDING_SIZE
 from training.face.recipes import RECIPES, TEACHER_LOSSES
-from training.teacher import (TeacherCache, TeacherUnavailable, default_workers, load_teacher, teacher_available,
-                              teacher_embeddings)
+from training.teacher import TeacherCache, TeacherUnavailable, load_teacher, teacher_available, teacher_embeddings
 
 TRIPLET_MARGIN = 0.2
 COSFACE_SCALE, COSFACE_MARGIN = 30.0, 0.35
@@ -137,10 +136,12 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
 def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 18, versions: int = 6,
           p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 6, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
-          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int | None = None) -> Path:
+          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1) -> Path:
     """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
 
-    `subset_people` trains on the first N training identities only (smoke runs in tests).
+    `subset_people` trains on the first N training identities only (smoke runs in tests). `teacher_workers`
+    > 1 computes missing teacher embeddings in spawned processes (the command line uses every core), which
+    needs the calling script to be import-safe (`if __name__ == "__main__":`).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
@@ -151,8 +152,7 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         split.train_people = split.train_people[:subset_people]
     data = training_set(split, people, versions)
     if TEACHER_LOSSES & set(weights):
-        targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only,
-                                        teacher_workers or default_workers())
+        targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only, teacher_workers)
         data = FaceSet(data.crops[keep], data.labels[keep], [k for k, m in zip(data.keys, keep) if m],
                        data.versions[keep])
         targets = centred(targets[keep])
@@ -215,7 +215,6 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
             print(f"early stop: validation accuracy has not improved for {patience} epochs", flush=True)
             break
     model.set_weights(best["weights"])
-    (out / CHECKPOINT).unlink(missing_ok=True)  # the finished run's model.keras supersedes it
     seconds = time.time() - started
     info: dict[str, Any] = {
         "task": "face",
@@ -246,7 +245,9 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         print(f"{recipe}: evaluation folds {list(split.eval_folds)}: accuracy {info['keras_eval']['accuracy_mean']:.4f} "
               f"± {info['keras_eval']['accuracy_std']:.4f}, AUC {info['keras_eval']['auc']:.4f} "
               f"({info['keras_eval']['pairs']} pairs)", flush=True)
-    return save_run(out, model, history, info)
+    path = save_run(out, model, history, info)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # superseded by model.keras, written just now
+    return path
 
 
 def compare_recipes(out: Path, recipes: list[str], epochs: int, arch: str = "edge", **kwargs: Any) -> list[dict[str, Any]]:
