@@ -58,3 +58,15 @@ def test_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> N
     embedder = FaceEmbedder.from_bundle(written)
     v = embedder.embed(np.full((128, 128), 120, np.uint8))
     assert v.shape == (128,) and abs(float(np.linalg.norm(v)) - 1.0) < 0.05
+
+
+def test_fine_tuning_starts_from_a_finished_run(trained: Path, tmp_path: Path, data_dir: Path) -> None:
+    common = ("-m", "training", "face", "--recipe", "triplet", "--data-dir", str(data_dir), "--epochs", "1",
+              "--subset-people", "300", "--p", "16", "--versions", "1", "--init", str(trained))
+    result = run_cli(*common, "--out", str(tmp_path / "ft"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((tmp_path / "ft" / "train_info.json").read_text())
+    assert info["initialised_from"] == str(trained) and info["epochs_run"] == 1
+    wrong = run_cli(*common, "--arch", "seed", "--out", str(tmp_path / "wrong"))
+    assert wrong.returncode == 2 and "do not fit the 'seed' architecture" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

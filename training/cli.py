@@ -42,14 +42,14 @@ def _face(args: argparse.Namespace) -> int:
     options = dict(arch=args.arch, versions=args.versions, p=args.p, k=args.k, learning_rate=args.lr,
                    patience=args.patience, data_dir=args.data_dir, cache_dir=args.teacher_cache, seed=args.seed,
                    subset_people=args.subset_people, cached_teacher_only=args.cached_teacher_only,
-                   teacher_workers=args.teacher_workers or default_workers())
+                   teacher_workers=args.teacher_workers or default_workers(), init=args.init)
     try:
         if args.compare:
             compare_recipes(args.out, args.compare.split(","), epochs=args.epochs, **options)
             print(f"saved {args.out / 'recipes.json'}")
         else:
             print(f"saved {train(args.out, recipe=args.recipe, epochs=args.epochs, **options)}")
-    except TeacherUnavailable as exc:
+    except (TeacherUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -85,6 +85,8 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset-people", type=int, default=None, help="train on the first N identities only (smoke runs)")
     p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
                    help="teacher embedding cache folder (default: %(default)s)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this earlier run's model.keras (same --arch) instead of random weights")
     p.add_argument("--teacher-workers", type=int, default=None,
                    help="processes computing missing teacher embeddings, one per core (default: all cores)")
     p.add_argument("--cached-teacher-only", action="store_true",

@@ -136,10 +136,12 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
 def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 18, versions: int = 6,
           p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 6, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
-          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1) -> Path:
+          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1,
+          init: Path | None = None) -> Path:
     """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
 
-    `subset_people` trains on the first N training identities only (smoke runs in tests). `teacher_workers`
+    `subset_people` trains on the first N training identities only (smoke runs in tests); `init` starts
+    from the weights of an earlier run's model.keras (fine-tuning with more teacher versions). `teacher_workers`
     > 1 computes missing teacher embeddings in spawned processes (the command line uses every core), which
     needs the calling script to be import-safe (`if __name__ == "__main__":`).
     """
@@ -164,6 +166,11 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
 
     size = FACE_SPEC["size"]
     model = ARCHITECTURES[arch]((size[0], size[1], FACE_SPEC["channels"]))
+    if init:  # fine-tuning: start from a finished run's weights (same architecture) instead of random ones
+        try:
+            model.set_weights(keras.saving.load_model(init).get_weights())
+        except ValueError as exc:
+            raise ValueError(f"--init {init}: its weights do not fit the '{arch}' architecture ({exc})") from exc
     sampler = PKSampler(data.labels, p, k, seed)
     steps = sampler.steps_per_epoch * epochs
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, warmup_target=None)
@@ -230,6 +237,7 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         "batch": f"{p}x{k}",
         "learning_rate": learning_rate,
         "seed": seed,
+        "initialised_from": str(init) if init else None,
         "train_samples": int(len(x)),
         "teacher_cached_only": cached_teacher_only,
         "teacher_targets": "dlib embeddings of the same pixels, centred on their training mean and re-normalised",
