@@ -47,8 +47,8 @@ STRANGERS = ["alex-lacamoire.png", "lin-manuel-miranda.png", "astronaut.png"]
 # makes them pass, the marker must go.
 RECOGNITION_GAP = pytest.mark.xfail(
     strict=True,
-    reason="face embedder too weak yet (91.4% LFW, TAR 21.5% @ pairwise FAR 0.1%; the lock's default far_0.001pct "
-           "threshold refuses 97.9% of residents per frame): enrolled person not recognised",
+    reason="face embedder too weak yet (92.1% LFW, TAR 20.7% @ pairwise FAR 0.1%; the lock's default far_0.001pct "
+           "threshold refuses 98.8% of residents per frame): enrolled person not recognised",
 )
 
 
