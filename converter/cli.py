@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_meter)
     p = sub.add_parser("face", help="face embedder → models/face",
                        description="Convert and gate the face embedder on the LFW evaluation folds' pairs (identities "
-                       "never trained on): verification accuracy (the gate), AUC, TAR at FAR 1%%/0.1%% for float, int8 "
+                       "never trained on): verification accuracy (the gate), AUC, TAR at FAR 1%/0.1% for float, int8 "
                        "and the dlib teacher side by side; match thresholds re-calibrated on each variant.")
     p.add_argument("--model", type=Path, default=Path("build/face/model/model.keras"),
                    help="trained Keras model (default: %(default)s)")

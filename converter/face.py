@@ -19,7 +19,7 @@ from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_t
                                write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
-from device.face import FACE_SPEC, embeddings
+from device.face import embeddings, face_spec
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
@@ -33,9 +33,9 @@ FAR_STRICT = 0.001
 FAR_DOOR = 0.00001
 
 
-def embed_file(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
+def embed_file(path: Path, x: np.ndarray, desc: str, spec: dict[str, Any]) -> np.ndarray:
     """Unit embeddings of a .tflite through the device runtime, as `FaceEmbedder.embed` computes them."""
-    return embeddings(lambda batch: device_outputs(path, batch, desc), x, FACE_SPEC)
+    return embeddings(lambda batch: device_outputs(path, batch, desc), x, spec)
 
 
 def impostor_distances(embeddings: np.ndarray, identities: np.ndarray) -> np.ndarray:
@@ -115,31 +115,32 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     model = keras.saving.load_model(keras_path)
     train_info_path = Path(keras_path).with_name("train_info.json")
     train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    spec = face_spec(model.input_shape[1])  # the input size the model was trained at
     people, split = load_lfw(data_dir)
     rng = np.random.default_rng(seed)
     train_paths = [path for name in split.train_people for path in people[name].values()]
     chosen = rng.choice(len(train_paths), min(representative, len(train_paths)), replace=False)
-    calibration = student_inputs(load_faces([train_paths[i] for i in sorted(chosen)], progress=False), FACE_SPEC)
+    calibration = student_inputs(load_faces([train_paths[i] for i in sorted(chosen)], progress=False), spec)
     keys, crops = pair_images(split.eval_pairs, people)
     pairs = PairSet(split.eval_pairs, keys)
-    x_eval = student_inputs(crops, FACE_SPEC)
+    x_eval = student_inputs(crops, spec)
     print(f"evaluation: folds {list(split.eval_folds)}, {len(pairs.pairs):,} pairs "
           f"({split.missing_pairs} lack an image), {len(keys):,} images of {len(set(pairs.identities)):,} people",
           flush=True)
 
-    keras_report = pairs.report(embed_keras(model, x_eval))
+    keras_report = pairs.report(embed_keras(model, x_eval, spec))
     print("converting to float32 TFLite …", flush=True)
     float_bytes = to_float(model)
-    float_emb = score_bytes(float_bytes, lambda p: embed_file(p, x_eval, "float TFLite"))
+    float_emb = score_bytes(float_bytes, lambda p: embed_file(p, x_eval, "float TFLite", spec))
     float_report = pairs.report(float_emb)
 
     def accuracy(path: Path) -> float:
-        return pairs.report(embed_file(path, x_eval, "int8 TFLite"))["accuracy_mean"]
+        return pairs.report(embed_file(path, x_eval, "int8 TFLite", spec))["accuracy_mean"]
 
     print(f"calibrating int8 on {len(calibration)} crops of training identities and checking the gate …", flush=True)
     gate = Gate(metric="lfw_verification_accuracy", max_drop_pp=max_drop_pp)
     result = quantize_with_gate(model, calibration, float_report["accuracy_mean"], accuracy, gate, io_type, fix)
-    int8_emb = score_bytes(result.int8, lambda p: embed_file(p, x_eval, "int8 TFLite (final)"))
+    int8_emb = score_bytes(result.int8, lambda p: embed_file(p, x_eval, "int8 TFLite (final)", spec))
     int8_report = pairs.report(int8_emb)
     cosine = np.sum(float_emb * int8_emb, axis=1)
     agreement = {"mean_cosine_int8_vs_float": float(cosine.mean()), "min_cosine_int8_vs_float": float(cosine.min()),
@@ -165,7 +166,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
                        "same person when the Euclidean distance is <= a threshold",
         "models": pair.models,
         "default_model": "int8",
-        "preprocessing": FACE_SPEC,
+        "preprocessing": spec,
         "labels": [],
         "thresholds": thresholds["int8"],
         "threshold_calibration": threshold_details,
@@ -178,6 +179,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
                        "pairs": len(pairs.pairs), "pairs_missing_image": split.missing_pairs,
                        "images": len(keys), "split": split.describe()},
         "training": {k: v for k, v in train_info.items() if k not in ("toolchain", "preprocessing", "split")},
+        "training_toolchain": train_info.get("toolchain"),  # e.g. Keras on JAX when trained on a GPU machine
         "recipes": recipe_rows,
         "toolchain": {**train_info.get("toolchain", {}), **toolchain()},
         "edgetpu": pair.edgetpu,

@@ -23,13 +23,18 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    return decode_image(np.fromfile(str(path), dtype=np.uint8), str(path))
+
+
+def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
+    """An encoded image (JPEG, PNG, ... file contents) → BGR (or grey) uint8 array, with `name` in errors."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.asarray(data, dtype=np.uint8)
     if data.size == 0:
-        raise ImageError(f"{path}: file is empty")
+        raise ImageError(f"{name}: file is empty")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ImageError(f"{path}: not a readable image (corrupt, truncated, or an unsupported format)")
-    return check_image(image, str(path))
+        raise ImageError(f"{name}: not a readable image (corrupt, truncated, or an unsupported format)")
+    return check_image(image, name)
 
 
 def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -23,7 +23,8 @@ from device.face import FaceEmbedder
 def trained(tmp_path_factory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("face-train")
     result = run_cli("-m", "training", "face", "--recipe", "triplet", "--data-dir", str(data_dir), "--out", str(out),
-                     "--epochs", "2", "--subset-people", "300", "--p", "16", "--versions", "1")
+                     "--epochs", "2", "--subset-people", "300", "--p", "16", "--versions", "1",
+                     "--width", "32", "--input-size", "64")  # small and fast; the input size must reach the bundle
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 2/2" in result.stdout and "val_accuracy" in result.stdout  # progress is shown
     return out / "model.keras"
@@ -55,6 +56,7 @@ def test_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> N
     thresholds = manifest["thresholds"]
     assert thresholds == manifest["models"]["int8"]["thresholds"]
     assert thresholds["far_0.001pct"] <= thresholds["far_0.1pct"]
+    assert manifest["preprocessing"]["size"] == [64, 64]  # the size trained at, not the default
     embedder = FaceEmbedder.from_bundle(written)
     v = embedder.embed(np.full((128, 128), 120, np.uint8))
     assert v.shape == (128,) and abs(float(np.linalg.norm(v)) - 1.0) < 0.05
@@ -62,8 +64,8 @@ def test_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> N
 
 def test_fine_tuning_starts_from_a_finished_run(trained: Path, tmp_path: Path, data_dir: Path) -> None:
     common = ("-m", "training", "face", "--recipe", "triplet", "--data-dir", str(data_dir), "--epochs", "1",
-              "--subset-people", "300", "--p", "16", "--versions", "1", "--init", str(trained))
-    result = run_cli(*common, "--out", str(tmp_path / "ft"))
+              "--subset-people", "300", "--p", "16", "--versions", "1", "--input-size", "64", "--init", str(trained))
+    result = run_cli(*common, "--width", "32", "--out", str(tmp_path / "ft"))
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads((tmp_path / "ft" / "train_info.json").read_text())
     assert info["initialised_from"] == str(trained) and info["epochs_run"] == 1

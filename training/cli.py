@@ -42,7 +42,8 @@ def _face(args: argparse.Namespace) -> int:
     options = dict(arch=args.arch, versions=args.versions, p=args.p, k=args.k, learning_rate=args.lr,
                    patience=args.patience, data_dir=args.data_dir, cache_dir=args.teacher_cache, seed=args.seed,
                    subset_people=args.subset_people, cached_teacher_only=args.cached_teacher_only,
-                   teacher_workers=args.teacher_workers or default_workers(), init=args.init)
+                   teacher_workers=args.teacher_workers or default_workers(), init=args.init, pack=args.pack,
+                   width=args.width, input_size=args.input_size)
     try:
         if args.compare:
             compare_recipes(args.out, args.compare.split(","), epochs=args.epochs, **options)
@@ -52,6 +53,21 @@ def _face(args: argparse.Namespace) -> int:
     except (TeacherUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _face_pack(args: argparse.Namespace) -> int:
+    from training.face.pack import write_pack
+    from training.face.train import load_lfw
+    from training.teacher import TeacherUnavailable
+
+    people, split = load_lfw(args.data_dir)
+    try:
+        path = write_pack(args.out, people, split, args.versions, args.teacher_cache)
+    except TeacherUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -73,15 +89,15 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="instead: short runs of these recipes into --out/<recipe>/ and a table --out/recipes.json")
     p.add_argument("--arch", choices=("edge", "seed"), default="edge",
                    help="edge: MobileFaceNet-like net we ship; seed: plain conv stack reference (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=18, help="most epochs (early stopping may end sooner; default: %(default)s)")
-    p.add_argument("--versions", type=int, default=6,
+    p.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping may end sooner; default: %(default)s)")
+    p.add_argument("--versions", type=int, default=9,
                    help="versions per image: 1 = originals only; each more is a seeded mirror/shift/rotation/scale/"
                         "brightness/contrast/blur jitter, embedded by the teacher too (~11 core-minutes per 7.7k "
                         "images, spread over --teacher-workers; default: %(default)s)")
     p.add_argument("--p", type=int, default=32, help="identities per batch (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="samples per identity in a batch (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default: %(default)s)")
     p.add_argument("--subset-people", type=int, default=None, help="train on the first N identities only (smoke runs)")
     p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
                    help="teacher embedding cache folder (default: %(default)s)")
@@ -91,11 +107,33 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="processes computing missing teacher embeddings, one per core (default: all cores)")
     p.add_argument("--cached-teacher-only", action="store_true",
                    help="train distillation recipes only on samples whose teacher embedding is already cached")
+    p.add_argument("--pack", type=Path, default=None,
+                   help="train from a training pack written by `face-pack` instead of --data-dir and the teacher "
+                        "cache (e.g. on a GPU machine without LFW or dlib); the converter evaluates the result")
+    p.add_argument("--width", type=int, default=None, help="edge net width (default: 64, ~0.52M parameters)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="model input in pixels per side (default: 96; the bundle records it for the device)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
     p.add_argument("--out", type=Path, default=Path("build/face/model"), help="output folder (default: %(default)s)")
     p.set_defaults(func=_face)
+
+    p = sub.add_parser(
+        "face-pack",
+        help="write a face training pack: train elsewhere (GPU machine) without LFW or dlib",
+        description="Write one .npz holding the LFW training images (their file bytes), the teacher's embedding of "
+        "every augmented version (int8), and the validation pairs with their images. `training face --pack FILE` "
+        "trains from it on any machine with Keras (TensorFlow, JAX or PyTorch backend). Every teacher embedding "
+        "must already be cached (run `training face --versions N` here first).",
+    )
+    p.add_argument("--versions", type=int, default=9, help="versions per image to pack (default: %(default)s)")
+    p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
+                   help="teacher embedding cache folder (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
+    p.add_argument("--out", type=Path, default=Path("build/face/pack.npz"), help="pack file (default: %(default)s)")
+    p.set_defaults(func=_face_pack)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,12 @@
-"""Small pieces every training script needs: seeding, MAC counting, saving a run."""
+"""Small pieces every training script needs: seeding, MAC counting, saving a run.
+
+Backend-neutral (Keras 3 on TensorFlow, JAX or PyTorch): the face embedder also trains on a GPU machine that has
+JAX but no TensorFlow; conversion to TFLite always runs under TensorFlow on the host.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 from pathlib import Path
@@ -9,13 +14,15 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 def seed_everything(seed: int) -> None:
     """Same seed, same weights and same batches: runs are repeatable on one machine."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def count_macs(model: keras.Model) -> int:
@@ -44,10 +51,13 @@ def count_macs(model: keras.Model) -> int:
 
 
 def toolchain_versions() -> dict[str, str]:
+    """Versions that made a model; `keras_backend` names the framework that ran the training steps."""
+    backend = keras.backend.backend()
     return {
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "keras_backend": backend,
+        backend: importlib.import_module(backend).__version__,
         "numpy": np.__version__,
     }
 

@@ -124,7 +124,12 @@ def read_pairs(path: Path) -> list[Pair]:
 
 def load_face(path: Path) -> np.ndarray:
     """One image → 128x128 grey uint8 framed like lfw-crop-gray-128 (LFW originals get the central 118 px)."""
-    gray = to_gray(load_image(path))
+    return frame_face(load_image(path))
+
+
+def frame_face(image: np.ndarray) -> np.ndarray:
+    """A decoded face image → 128x128 grey uint8 crop (see `load_face`)."""
+    gray = to_gray(image)
     if gray.shape == (LFW_ORIGINAL, LFW_ORIGINAL):
         start = (LFW_ORIGINAL - LFW_KEPT) // 2
         gray = gray[start : start + LFW_KEPT, start : start + LFW_KEPT]

@@ -57,17 +57,17 @@ class FaceSet:
 
 def training_set(split: Split, people: dict, versions: int) -> FaceSet:
     """Every image of every training person, in `versions` versions (0 = the original)."""
-    keys = [(label, key, path) for label, name in enumerate(split.train_people)
-            for key, path in people[name].items()]
-    originals = load_faces([path for _, _, path in keys])
-    crops, labels, names, version_ids = [], [], [], []
-    for (label, key, _), crop in zip(keys, originals):
-        for v in range(versions):
-            crops.append(augment(crop, key, v))
-            labels.append(label)
-            names.append(key)
-            version_ids.append(v)
-    return FaceSet(np.stack(crops), np.array(labels), names, np.array(version_ids))
+    items = [(label, key, path) for label, name in enumerate(split.train_people)
+             for key, path in people[name].items()]
+    originals = load_faces([path for _, _, path in items])
+    return versioned(originals, np.array([label for label, _, _ in items]), [key for _, key, _ in items], versions)
+
+
+def versioned(originals: np.ndarray, labels: np.ndarray, keys: list[str], versions: int) -> FaceSet:
+    """Versions 0..versions-1 of every crop, image by image (the order teacher targets are stored in)."""
+    crops = [augment(crop, key, v) for crop, key in zip(originals, keys) for v in range(versions)]
+    return FaceSet(np.stack(crops), np.repeat(labels, versions), [k for k in keys for _ in range(versions)],
+                   np.tile(np.arange(versions), len(keys)))
 
 
 def pair_images(pairs: list, people: dict) -> tuple[list[str], np.ndarray]:

@@ -1,7 +1,8 @@
 """Face embedders: the seed (plain conv stack → dense) and the compact edge net we ship.
 
 Both end in a 128-D embedding normalised by a single `tf.math.l2_normalize`, which TFLite turns into one
-int8 L2_NORMALIZATION op (Keras' UnitNormalization would leave float ops behind in the int8 model).
+int8 L2_NORMALIZATION op (Keras' UnitNormalization would leave float ops behind in the int8 model). The
+models also build under Keras' JAX and PyTorch backends, for training on a GPU machine without TensorFlow.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
 from keras import layers
 
 EMBEDDING_SIZE = 128
@@ -17,10 +17,18 @@ EMBEDDING_SIZE = 128
 
 @keras.saving.register_keras_serializable(package="edge_face")
 class L2Normalize(layers.Layer):
-    """`tf.math.l2_normalize` over the last axis as a layer: one op, loadable without unsafe Lambda code."""
+    """`tf.math.l2_normalize` over the last axis as a layer: one op, loadable without unsafe Lambda code.
+
+    Under another Keras backend (training elsewhere) the same unit vector comes from `keras.ops.normalize`;
+    the TFLite export loads the saved model under TensorFlow and so gets the single op.
+    """
 
     def call(self, inputs: Any) -> Any:
-        return tf.math.l2_normalize(inputs, axis=-1)
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            return tf.math.l2_normalize(inputs, axis=-1)
+        return keras.ops.normalize(inputs, axis=-1)
 
 
 def _conv_bn(x: Any, filters: int, kernel: int = 3, strides: int = 1, relu: bool = True) -> Any:
@@ -46,19 +54,19 @@ def _bottleneck(x: Any, filters: int, strides: int, expansion: int) -> Any:
     return y
 
 
-def edge_embedder(input_shape: tuple[int, int, int] = (64, 64, 1), width: int = 48) -> keras.Model:
-    """MobileFaceNet-like for 64x64 grey: inverted residuals, a global depthwise conv instead of average pooling.
+def edge_embedder(input_shape: tuple[int, int, int] = (96, 96, 1), width: int = 64) -> keras.Model:
+    """MobileFaceNet-like for small grey crops: inverted residuals, a global depthwise conv instead of average pooling.
 
     The global depthwise conv (GDConv) keeps *where* a feature fired, which average pooling throws away and
     which matters for faces (eyes above nose). ReLU rather than PReLU keeps int8 activations simple.
-    ~0.3M parameters, ~25M MACs at 64x64.
+    Shipped: width 64 at 96x96, ~0.52M parameters, ~97M MACs (width 48 at 64x64: ~0.3M, ~25M MACs).
     """
     inputs = keras.Input(input_shape)
-    x = _conv_bn(inputs, width // 2, strides=2)  # 32x32
+    x = _conv_bn(inputs, width // 2, strides=2)  # 1/2 of the input side
     x = _depthwise_bn(x)
     x = _conv_bn(x, width, kernel=1)
     for filters, strides, repeats, expansion in ((width, 2, 3, 2), (2 * width, 2, 4, 2), (2 * width, 2, 2, 2)):
-        for i in range(repeats):  # 16x16, 8x8, 4x4
+        for i in range(repeats):  # 1/4, 1/8, 1/16
             x = _bottleneck(x, filters, strides if i == 0 else 1, expansion)
     x = _conv_bn(x, 4 * width, kernel=1)
     x = layers.DepthwiseConv2D(int(x.shape[1]), padding="valid", use_bias=False, name="gdconv")(x)

@@ -13,21 +13,23 @@ and evaluation); the evaluation folds are measured once, at the end, and never s
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from device.face import FACE_SPEC
+from device.face import FACE_SPEC, face_spec
 from device.face import embeddings as device_embeddings
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
 from training.datasets.lfw import Split, find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
 from training.face.data import FaceSet, PKSampler, pair_images, student_inputs, training_set
 from training.face.metrics import best_threshold, pair_distances, roc_auc, verification_report
 from training.face.models import ARCHITECTURES, EMBEDDING_SIZE
+from training.face.pack import read_pack
 from training.face.recipes import RECIPES, TEACHER_LOSSES
 from training.teacher import TeacherCache, TeacherUnavailable, load_teacher, teacher_available, teacher_embeddings
 
@@ -37,45 +39,96 @@ DEFAULT_CACHE = Path("build/face/teacher")
 CHECKPOINT = "checkpoint-best.keras"  # best validation epoch so far, rewritten while training runs
 
 
-def semi_hard_triplet_loss(labels: tf.Tensor, embeddings: tf.Tensor, margin: float = TRIPLET_MARGIN) -> tf.Tensor:
+def semi_hard_triplet_loss(labels: Any, embeddings: Any, margin: float = TRIPLET_MARGIN) -> Any:
     """FaceNet's online semi-hard mining over every (anchor, positive) pair of the batch.
 
     For each pair the negative is the closest one still farther than the positive (semi-hard); when none
     is, the farthest negative (gentlest gradient) stands in, as in FaceNet, to avoid collapsing early.
     Distances are squared Euclidean on unit vectors.
     """
-    distances = tf.maximum(2.0 - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True), 0.0)
-    same = tf.equal(labels[:, None], labels[None, :])
-    negative = tf.logical_not(same)
-    positive = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(labels)[0], dtype=tf.bool)))
+    distances = ops.maximum(2.0 - 2.0 * ops.matmul(embeddings, ops.transpose(embeddings)), 0.0)
+    same = ops.equal(labels[:, None], labels[None, :])
+    negative = ops.logical_not(same)
+    positive = ops.logical_and(same, ops.logical_not(ops.cast(ops.eye(ops.shape(labels)[0]), "bool")))
     d_ap = distances[:, :, None]  # [anchor, positive, 1]
     d_an = distances[:, None, :]  # [anchor, 1, negative]
-    beyond = tf.logical_and(negative[:, None, :], d_an > d_ap)
-    big = tf.reduce_max(distances) + 1.0
-    semi_hard = tf.reduce_min(tf.where(beyond, d_an, big), axis=2)
-    farthest = tf.reduce_max(tf.where(negative, distances, 0.0), axis=1)[:, None]
-    chosen = tf.where(tf.reduce_any(beyond, axis=2), semi_hard, tf.broadcast_to(farthest, tf.shape(semi_hard)))
-    losses = tf.maximum(distances - chosen + margin, 0.0)
-    weights = tf.cast(positive, tf.float32)
-    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    beyond = ops.logical_and(negative[:, None, :], ops.greater(d_an, d_ap))
+    big = ops.max(distances) + 1.0
+    semi_hard = ops.min(ops.where(beyond, d_an, big), axis=2)
+    farthest = ops.max(ops.where(negative, distances, 0.0), axis=1)[:, None]
+    chosen = ops.where(ops.any(beyond, axis=2), semi_hard, ops.broadcast_to(farthest, ops.shape(semi_hard)))
+    losses = ops.maximum(distances - chosen + margin, 0.0)
+    weights = ops.cast(positive, "float32")
+    return ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
 
 
-def cosface_loss(labels: tf.Tensor, embeddings: tf.Tensor, centres: tf.Variable) -> tf.Tensor:
-    cosine = tf.matmul(embeddings, tf.math.l2_normalize(centres, axis=1), transpose_b=True)
-    onehot = tf.one_hot(labels, tf.shape(centres)[0])
+def cosface_loss(labels: Any, embeddings: Any, centres: Any) -> Any:
+    cosine = ops.matmul(embeddings, ops.transpose(ops.normalize(centres, axis=1)))
+    onehot = ops.one_hot(labels, ops.shape(centres)[0])
     logits = COSFACE_SCALE * (cosine - COSFACE_MARGIN * onehot)
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+    return ops.mean(keras.losses.categorical_crossentropy(onehot, logits, from_logits=True))
 
 
-def distill_loss(student: tf.Tensor, teacher: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(1.0 - tf.reduce_sum(student * teacher, axis=1))
+def distill_loss(student: Any, teacher: Any) -> Any:
+    return ops.mean(1.0 - ops.sum(student * teacher, axis=1))
 
 
-def similarity_matching_loss(student: tf.Tensor, teacher: tf.Tensor) -> tf.Tensor:
+def similarity_matching_loss(student: Any, teacher: Any) -> Any:
     """Match the batch's pairwise cosine matrix: the student keeps the teacher's geometry, not its axes."""
-    s = tf.matmul(student, student, transpose_b=True)
-    t = tf.matmul(teacher, teacher, transpose_b=True)
-    return tf.reduce_mean(tf.square(s - t)) * 10.0
+    s = ops.matmul(student, ops.transpose(student))
+    t = ops.matmul(teacher, ops.transpose(teacher))
+    return ops.mean(ops.square(s - t)) * 10.0
+
+
+class FaceTrainer(keras.Model):
+    """The embedder plus what only training needs (CosFace centres, per-loss trackers), for `fit`.
+
+    Overriding `compute_loss` (not `train_step`) keeps one training step for every Keras backend:
+    TensorFlow on the 2-core host, JAX or PyTorch on a GPU machine. Targets arrive as y = (labels, teacher).
+    """
+
+    def __init__(self, embedder: keras.Model, weights: dict[str, float], classes: int):
+        super().__init__(name="face_trainer")
+        self.embedder = embedder
+        self.weights_by_loss = dict(weights)
+        self.centres = (self.add_weight(shape=(classes, EMBEDDING_SIZE), name="centres",
+                                        initializer=keras.initializers.RandomNormal(stddev=0.05))
+                        if "cosface" in weights else None)
+        self.part_trackers = [keras.metrics.Mean(name=name) for name in weights]
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        return self.embedder(x, training=training)
+
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None,
+                     training: bool = True) -> Any:
+        labels, teacher = y
+        parts = {}
+        if "triplet" in self.weights_by_loss:
+            parts["triplet"] = semi_hard_triplet_loss(labels, y_pred)
+        if "cosface" in self.weights_by_loss:
+            parts["cosface"] = cosface_loss(labels, y_pred, self.centres)
+        if "distill" in self.weights_by_loss:
+            parts["distill"] = distill_loss(y_pred, teacher)
+        if "simmatch" in self.weights_by_loss:
+            parts["simmatch"] = similarity_matching_loss(y_pred, teacher)
+        for tracker in self.part_trackers:
+            tracker.update_state(parts[tracker.name])
+        return sum(self.weights_by_loss[name] * value for name, value in parts.items())
+
+
+class PKBatches(keras.utils.PyDataset):
+    """An epoch of P×K batches drawn by `PKSampler`: x, y = (identity labels, teacher targets)."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, targets: np.ndarray, sampler: PKSampler):
+        super().__init__()
+        self.x, self.labels, self.targets, self.sampler = x, labels.astype(np.int32), targets, sampler
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        idx = self.sampler.batch()
+        return self.x[idx], (self.labels[idx], self.targets[idx])
 
 
 def centred(targets: np.ndarray) -> np.ndarray:
@@ -89,9 +142,9 @@ def centred(targets: np.ndarray) -> np.ndarray:
     return (shifted / np.linalg.norm(shifted, axis=1, keepdims=True)).astype(np.float32)
 
 
-def embed_keras(model: keras.Model, x: np.ndarray) -> np.ndarray:
+def embed_keras(model: keras.Model, x: np.ndarray, spec: dict[str, Any] = FACE_SPEC) -> np.ndarray:
     """Embeddings as the device computes them (flip averaging included), so validation picks what ships."""
-    return device_embeddings(lambda batch: model.predict(batch, batch_size=256, verbose=0), x, FACE_SPEC)
+    return device_embeddings(lambda batch: model.predict(batch, batch_size=256, verbose=0), x, spec)
 
 
 def verification(embeddings: dict[str, np.ndarray], pairs: list) -> dict[str, Any]:
@@ -133,82 +186,82 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
     return targets, np.ones(len(crops), dtype=bool)
 
 
-def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 18, versions: int = 6,
-          p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 6, data_dir: str | Path | None = None,
+def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 30, versions: int = 9,
+          p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 8, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
           evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1,
-          init: Path | None = None) -> Path:
+          init: Path | None = None, pack: Path | None = None, width: int | None = None,
+          input_size: int | None = None) -> Path:
     """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
 
     `subset_people` trains on the first N training identities only (smoke runs in tests); `init` starts
     from the weights of an earlier run's model.keras (fine-tuning with more teacher versions). `teacher_workers`
     > 1 computes missing teacher embeddings in spawned processes (the command line uses every core), which
-    needs the calling script to be import-safe (`if __name__ == "__main__":`).
+    needs the calling script to be import-safe (`if __name__ == "__main__":`). `pack` trains from a
+    training pack (see pack.py) instead of the data folder and the teacher cache; it holds no evaluation
+    images, so the run is evaluated by the converter only. `width` (edge net) and `input_size` (pixels
+    per side, default FACE_SPEC's) size the model; the bundle records the input size it was trained at.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
+    if width and arch != "edge":
+        raise ValueError(f"--width sizes the edge architecture; '{arch}' has a fixed width")
     weights = RECIPES[recipe]
     seed_everything(seed)
-    people, split = load_lfw(data_dir)
-    if subset_people:
-        split.train_people = split.train_people[:subset_people]
-    data = training_set(split, people, versions)
-    if TEACHER_LOSSES & set(weights):
-        targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only, teacher_workers)
-        data = FaceSet(data.crops[keep], data.labels[keep], [k for k, m in zip(data.keys, keep) if m],
-                       data.versions[keep])
-        targets = centred(targets[keep])
+    spec = face_spec(input_size) if input_size else FACE_SPEC
+    if pack:
+        packed = read_pack(pack, versions)
+        print(f"pack {pack}: {len(packed.data.crops):,} samples; decoded pixels "
+              + ("identical to the host's" if packed.pixels_match else "differ from the host's (other decoder)"),
+              flush=True)
+        data, targets, split_info = packed.data, packed.targets, packed.split
+        val_keys, val_crops, val_pairs = packed.validation_keys, packed.validation_crops, packed.validation_pairs
+        evaluate = False
     else:
+        people, split = load_lfw(data_dir)
+        if subset_people:
+            split.train_people = split.train_people[:subset_people]
+        data = training_set(split, people, versions)
         targets = np.zeros((len(data.crops), EMBEDDING_SIZE), np.float32)
-    x = student_inputs(data.crops, FACE_SPEC)
-    val_keys, val_crops = pair_images(split.validation_pairs, people)
-    val_x = student_inputs(val_crops, FACE_SPEC)
+        if TEACHER_LOSSES & set(weights):
+            targets, keep = teacher_targets(data.crops, cache_dir, cached_teacher_only, teacher_workers)
+            data = FaceSet(data.crops[keep], data.labels[keep], [k for k, m in zip(data.keys, keep) if m],
+                           data.versions[keep])
+            targets = targets[keep]
+        split_info = split.describe()
+        val_pairs = split.validation_pairs
+        val_keys, val_crops = pair_images(val_pairs, people)
+    if TEACHER_LOSSES & set(weights):
+        targets = centred(targets)
+    x = student_inputs(data.crops, spec)
+    val_x = student_inputs(val_crops, spec)
 
-    size = FACE_SPEC["size"]
-    model = ARCHITECTURES[arch]((size[0], size[1], FACE_SPEC["channels"]))
+    size = spec["size"]
+    model = ARCHITECTURES[arch]((size[0], size[1], spec["channels"]), **({"width": width} if width else {}))
     if init:  # fine-tuning: start from a finished run's weights (same architecture) instead of random ones
         try:
             model.set_weights(keras.saving.load_model(init).get_weights())
         except ValueError as exc:
             raise ValueError(f"--init {init}: its weights do not fit the '{arch}' architecture ({exc})") from exc
     sampler = PKSampler(data.labels, p, k, seed)
-    steps = sampler.steps_per_epoch * epochs
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, warmup_target=None)
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
-    centres = tf.Variable(tf.random.normal((int(data.labels.max()) + 1, EMBEDDING_SIZE), stddev=0.05), name="centres")
-    variables = model.trainable_variables + ([centres] if "cosface" in weights else [])
+    batches = PKBatches(x, data.labels, targets, sampler)
+    trainer = FaceTrainer(model, weights, classes=int(data.labels.max()) + 1)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=sampler.steps_per_epoch * epochs)
+    # JAX must compile its steps; TensorFlow keeps the plain graph the CPU numbers were measured with.
+    trainer.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                    jit_compile=keras.backend.backend() == "jax")
 
-    @tf.function
-    def step(xb: tf.Tensor, yb: tf.Tensor, tb: tf.Tensor) -> dict[str, tf.Tensor]:
-        with tf.GradientTape() as tape:
-            e = model(xb, training=True)
-            parts = {}
-            if "triplet" in weights:
-                parts["triplet"] = semi_hard_triplet_loss(yb, e)
-            if "cosface" in weights:
-                parts["cosface"] = cosface_loss(yb, e, centres)
-            if "distill" in weights:
-                parts["distill"] = distill_loss(e, tb)
-            if "simmatch" in weights:
-                parts["simmatch"] = similarity_matching_loss(e, tb)
-            total = tf.add_n([weights[name] * value for name, value in parts.items()])
-        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
-        return {"loss": total, **parts}
-
-    print(f"training {model.name} with {recipe}: {model.count_params():,} parameters, {count_macs(model):,} MACs, "
-          f"{len(np.unique(data.labels)):,} people, {len(x):,} samples ({versions} versions), "
-          f"{sampler.steps_per_epoch} steps of {p}x{k} per epoch, up to {epochs} epochs", flush=True)
+    print(f"training {model.name} with {recipe} on Keras/{keras.backend.backend()}: {model.count_params():,} "
+          f"parameters, {count_macs(model):,} MACs at {size[0]}x{size[1]}, {len(np.unique(data.labels)):,} people, "
+          f"{len(x):,} samples ({versions} versions), {sampler.steps_per_epoch} steps of {p}x{k} per epoch, "
+          f"up to {epochs} epochs", flush=True)
     history: dict[str, list[float]] = {}
     best = {"accuracy": -1.0, "epoch": 0, "weights": model.get_weights()}
     started = time.time()
     for epoch in range(1, epochs + 1):
-        sums: dict[str, float] = {}
-        for _ in range(sampler.steps_per_epoch):
-            idx = sampler.batch()
-            for name, value in step(x[idx], data.labels[idx], targets[idx]).items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-        val = verification(dict(zip(val_keys, embed_keras(model, val_x))), split.validation_pairs)
-        record = {**{n: v / sampler.steps_per_epoch for n, v in sums.items()},
+        logs = trainer.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if sys.stdout.isatty() else 0)
+        val = verification(dict(zip(val_keys, embed_keras(model, val_x, spec))), val_pairs)
+        record = {**{n: values[-1] for n, values in logs.history.items()},
                   "val_accuracy": val["accuracy"], "val_auc": val["auc"]}
         for name, value in record.items():
             history.setdefault(name, []).append(float(value))
@@ -226,6 +279,7 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
     info: dict[str, Any] = {
         "task": "face",
         "arch": arch,
+        "width": width,
         "recipe": recipe,
         "loss_weights": weights,
         "parameters": model.count_params(),
@@ -238,18 +292,19 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         "learning_rate": learning_rate,
         "seed": seed,
         "initialised_from": str(init) if init else None,
+        "pack": str(pack) if pack else None,
         "train_samples": int(len(x)),
         "teacher_cached_only": cached_teacher_only,
         "teacher_targets": "dlib embeddings of the same pixels, centred on their training mean and re-normalised",
         "train_seconds": round(seconds, 1),
-        "split": split.describe(),
-        "preprocessing": FACE_SPEC,
+        "split": split_info,
+        "preprocessing": spec,
         "toolchain": toolchain_versions(),
     }
     if evaluate:
         eval_keys, eval_crops = pair_images(split.eval_pairs, people)
-        info["keras_eval"] = verification(dict(zip(eval_keys, embed_keras(model, student_inputs(eval_crops, FACE_SPEC)))),
-                                          split.eval_pairs)
+        info["keras_eval"] = verification(
+            dict(zip(eval_keys, embed_keras(model, student_inputs(eval_crops, spec), spec))), split.eval_pairs)
         print(f"{recipe}: evaluation folds {list(split.eval_folds)}: accuracy {info['keras_eval']['accuracy_mean']:.4f} "
               f"± {info['keras_eval']['accuracy_std']:.4f}, AUC {info['keras_eval']['auc']:.4f} "
               f"({info['keras_eval']['pairs']} pairs)", flush=True)
