@@ -47,8 +47,8 @@ STRANGERS = ["alex-lacamoire.png", "lin-manuel-miranda.png", "astronaut.png"]
 # makes them pass, the marker must go.
 RECOGNITION_GAP = pytest.mark.xfail(
     strict=True,
-    reason="face embedder too weak yet (92.1% LFW, TAR 20.7% @ pairwise FAR 0.1%; the lock's default far_0.001pct "
-           "threshold refuses 98.8% of residents per frame): enrolled person not recognised",
+    reason="face embedder too weak yet (93.6% LFW, TAR 11.4% @ pairwise FAR 0.1%; the lock's default far_0.001pct "
+           "threshold refuses 95.4% of residents per frame): enrolled person not recognised",
 )
 
 
@@ -190,7 +190,6 @@ def test_reembed_after_model_change(tmp_path: Path, data_dir: Path, recognizer: 
     db.close()
 
 
-@RECOGNITION_GAP
 def test_service_relocks_when_it_crashes(tmp_path: Path, data_dir: Path, recognizer: Recognizer,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after an unlock with a 60 s unlock time: the relay must be locked when run_service exits."""
@@ -232,7 +231,6 @@ def run_until_first_decision(env: dict[str, str]) -> list[dict]:
     return events + [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
 
 
-@RECOGNITION_GAP
 def test_cli_enroll_list_run_and_sigterm(tmp_path: Path, data_dir: Path) -> None:
     """The `doorlock` command as a user runs it: enroll, list, run on a replayed folder, stop with SIGTERM."""
     folder = attempt_folder(tmp_path, data_dir, "door", OBAMA_ATTEMPT)

@@ -37,8 +37,10 @@ def small(data_dir: Path, tmp_path_factory) -> tuple[Path, object, np.ndarray]:
         return v / np.linalg.norm(v)
 
     data = training_set(split, people, VERSIONS)
-    vectors = teacher_embeddings(data.crops, TeacherCache(folder / "cache", "stand-in"), embed)
-    path = write_pack(folder / "pack.npz", people, split, VERSIONS, folder / "cache")
+    cache = TeacherCache(folder / "cache", "stand-in")
+    vectors = teacher_embeddings(data.crops[::2], cache, embed)  # half cached beforehand: the pack computes the rest
+    path = write_pack(folder / "pack.npz", people, split, VERSIONS, cache, embed)
+    vectors = teacher_embeddings(data.crops, cache, None)
     return path, (split, data), vectors
 
 
@@ -88,3 +90,14 @@ def test_training_runs_from_a_pack_alone(small, tmp_path):
     assert info["preprocessing"]["size"] == [48, 48] and "keras_eval" not in info  # evaluation is the converter's
     history = json.loads(path.with_name("history.json").read_text())
     assert history["distill"][0] > 0 and 0.0 <= history["val_accuracy"][0] <= 1.0
+
+
+def test_pack_without_teacher_names_the_missing_embeddings(small, data_dir, tmp_path):
+    """No teacher and an incomplete cache: nothing is written, and the error says how to get the teacher."""
+    faces = find_faces_dir(data_dir)
+    people = list_people(faces)
+    split = make_split(people, read_pairs(find_pairs_file(data_dir, faces)))
+    split = replace(split, train_people=split.train_people[:3])
+    with pytest.raises(TeacherUnavailable, match=r"not cached; .*pip install \.\[teacher\]"):
+        write_pack(tmp_path / "p.npz", people, split, 2, TeacherCache(tmp_path, "stand-in"), None)
+    assert not (tmp_path / "p.npz").exists()

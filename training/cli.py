@@ -59,11 +59,15 @@ def _face(args: argparse.Namespace) -> int:
 def _face_pack(args: argparse.Namespace) -> int:
     from training.face.pack import write_pack
     from training.face.train import load_lfw
-    from training.teacher import TeacherUnavailable
+    from training.teacher import TeacherCache, TeacherUnavailable, default_workers, load_teacher, teacher_available
 
     people, split = load_lfw(args.data_dir)
     try:
-        path = write_pack(args.out, people, split, args.versions, args.teacher_cache)
+        teacher = load_teacher() if teacher_available() else None
+        cache = (TeacherCache(args.teacher_cache, teacher.model_digest) if teacher
+                 else TeacherCache.existing(args.teacher_cache))
+        path = write_pack(args.out, people, split, args.versions, cache, teacher.embed if teacher else None,
+                          workers=args.teacher_workers or default_workers())
     except TeacherUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,12 +128,14 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
         help="write a face training pack: train elsewhere (GPU machine) without LFW or dlib",
         description="Write one .npz holding the LFW training images (their file bytes), the teacher's embedding of "
         "every augmented version (int8), and the validation pairs with their images. `training face --pack FILE` "
-        "trains from it on any machine with Keras (TensorFlow, JAX or PyTorch backend). Every teacher embedding "
-        "must already be cached (run `training face --versions N` here first).",
+        "trains from it on any machine with Keras (TensorFlow, JAX or PyTorch backend). Teacher embeddings missing "
+        "from --teacher-cache are computed here (needs dlib: pip install .[teacher]).",
     )
     p.add_argument("--versions", type=int, default=9, help="versions per image to pack (default: %(default)s)")
     p.add_argument("--teacher-cache", type=Path, default=Path("build/face/teacher"),
                    help="teacher embedding cache folder (default: %(default)s)")
+    p.add_argument("--teacher-workers", type=int, default=None,
+                   help="processes computing missing teacher embeddings, one per core (default: all cores)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
     p.add_argument("--out", type=Path, default=Path("build/face/pack.npz"), help="pack file (default: %(default)s)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,17 @@ def _digest(crops: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(crops).tobytes()).hexdigest()
 
 
-def write_pack(path: Path, people: dict, split: Split, versions: int, cache_dir: Path) -> Path:
-    """Write the pack; every teacher embedding must already be in the cache at `cache_dir`."""
+def write_pack(path: Path, people: dict, split: Split, versions: int, cache: TeacherCache,
+               embed: Callable[[np.ndarray], np.ndarray] | None, workers: int = 1) -> Path:
+    """Write the pack; teacher embeddings missing from `cache` are computed with `embed` (in `workers`
+    processes), or with `embed=None` are an error naming the install command."""
     from training.datasets.lfw import load_faces
 
     items = [(label, key, file) for label, name in enumerate(split.train_people) for key, file in people[name].items()]
     keys = [key for _, key, _ in items]
     originals = load_faces([file for _, _, file in items])
-    cache = TeacherCache.existing(cache_dir)
     data = versioned(originals, np.array([label for label, _, _ in items], np.int32), keys, versions)
-    targets = teacher_embeddings(data.crops, cache, None, desc="teacher (pack)")
+    targets = teacher_embeddings(data.crops, cache, embed, desc="teacher (pack)", workers=workers)
     scale = 127.0 / float(np.abs(targets).max())
     blob, offsets = _encoded([file for _, _, file in items])
     val_keys = sorted({k for p in split.validation_pairs for k in p.keys()})
