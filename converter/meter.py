@@ -48,6 +48,12 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
     model = keras.saving.load_model(keras_path)
     train_info_path = Path(keras_path).with_name("train_info.json")
     train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    trained_with = train_info.get("preprocessing")
+    if trained_with is not None and trained_with != METER_SPEC:
+        # Calibration, evaluation and the manifest all use this code's METER_SPEC: a model trained with
+        # another preprocessing would be misread and its bundle mislabelled.
+        raise ValueError(f"{keras_path} was trained with preprocessing {trained_with}, but this code's METER_SPEC "
+                         f"is {METER_SPEC}: convert it with the code it was trained with")
     print("loading meter digit crops …", flush=True)
     data = load_meter_digits(data_dir, splits=("train", "test"))
     rng = np.random.default_rng(seed)

@@ -65,3 +65,20 @@ def test_cli_help_and_clear_errors(tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
     no_model = run_cli("-m", "converter", "meter", "--model", str(tmp_path / "none.keras"))
     assert no_model.returncode == 2 and "train it first" in no_model.stderr
+
+
+def test_converter_refuses_a_model_trained_with_other_preprocessing(trained: Path, tmp_path: Path,
+                                                                     data_dir: Path) -> None:
+    """Calibration and evaluation use this code's METER_SPEC, so a model trained otherwise is refused, not mislabelled."""
+    import shutil
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(trained, other / "model.keras")
+    info = json.loads(trained.with_name("train_info.json").read_text())
+    info["preprocessing"] = {**info["preprocessing"], "scale": 1.0 / 127.5, "offset": -1.0}
+    (other / "train_info.json").write_text(json.dumps(info))
+    result = run_cli("-m", "converter", "meter", "--data-dir", str(data_dir), "--model", str(other / "model.keras"),
+                     "--out", str(tmp_path / "never"))
+    assert result.returncode == 2 and "trained with preprocessing" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
