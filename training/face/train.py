@@ -8,6 +8,8 @@ Losses (weights per recipe):
 - `simmatch`: pairwise similarity matching — the batch's student cosine matrix regressed onto the teacher's.
 Early stopping watches verification accuracy on the validation fold (identities disjoint from training
 and evaluation); the evaluation folds are measured once, at the end, and never steer anything.
+Plain Keras 3 (`fit` + `compute_loss`, losses in `keras.ops`): the same code trains on TensorFlow on the host
+and on JAX or PyTorch on a GPU machine, from a training pack (pack.py) where LFW and dlib are missing.
 """
 
 from __future__ import annotations
