@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from training.datasets.lfw import Pair, Split, frame_face
+from training.datasets.lfw import Pair, Split, frame_face, load_faces
 from training.face.data import FaceSet, versioned
 from training.teacher import TeacherCache, TeacherUnavailable, teacher_embeddings
 
@@ -63,12 +63,11 @@ def write_pack(path: Path, people: dict, split: Split, versions: int, cache: Tea
                embed: Callable[[np.ndarray], np.ndarray] | None, workers: int = 1) -> Path:
     """Write the pack; teacher embeddings missing from `cache` are computed with `embed` (in `workers`
     processes), or with `embed=None` are an error naming the install command."""
-    from training.datasets.lfw import load_faces
-
     items = [(label, key, file) for label, name in enumerate(split.train_people) for key, file in people[name].items()]
     keys = [key for _, key, _ in items]
+    labels = np.array([label for label, _, _ in items], np.int32)
     originals = load_faces([file for _, _, file in items])
-    data = versioned(originals, np.array([label for label, _, _ in items], np.int32), keys, versions)
+    data = versioned(originals, labels, keys, versions)
     targets = teacher_embeddings(data.crops, cache, embed, desc="teacher (pack)", workers=workers)
     scale = 127.0 / float(np.abs(targets).max())
     blob, offsets = _encoded([file for _, _, file in items])
@@ -77,7 +76,7 @@ def write_pack(path: Path, people: dict, split: Split, versions: int, cache: Tea
     pairs = split.validation_pairs
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, format=np.array(FORMAT), versions=np.array(versions),
-             keys=np.array(keys), labels=np.array([label for label, _, _ in items], np.int32),
+             keys=np.array(keys), labels=labels,
              images=blob, offsets=offsets, originals_sha256=np.array(_digest(originals)),
              targets=np.round(targets * scale).astype(np.int8).reshape(len(keys), versions, -1),
              target_scale=np.array(scale, np.float32), teacher_digest=np.array(cache.model_digest),
