@@ -21,8 +21,10 @@ from training.datasets.lfw import (
     make_split,
     read_pairs,
 )
-from training.face.data import augment
+from training.face.data import augment, validation_set
 from training.face.metrics import (
+    all_pairs_report,
+    balanced_accuracy,
     best_threshold,
     cross_fold_accuracy,
     roc_auc,
@@ -114,6 +116,38 @@ def test_metrics_on_a_hand_checkable_example():
     assert cross["mean"] == 0.75 and cross["std"] == 0.25
     report = verification_report(d, s, folds)
     assert report["pairs"] == 4 and report["auc"] == 1.0
+
+
+def test_all_pairs_metrics_on_a_hand_checkable_example():
+    # Balanced accuracy weighs genuine and impostor pairs equally, however many of each there are.
+    # Sorted: 0.1 same, 0.2 same, 0.3 diff, 0.4 same, 0.5 diff → accept up to 0.25: TAR 2/3, FAR 0.
+    distances = np.array([0.4, 0.1, 0.5, 0.2, 0.3])
+    same = np.array([True, True, False, True, False])
+    threshold, accuracy = balanced_accuracy(distances, same)
+    assert threshold == pytest.approx(0.25) and accuracy == pytest.approx((2 / 3 + 1) / 2)
+    # Ties stay together: a same and a different pair at one distance are accepted or refused as one.
+    assert balanced_accuracy(np.array([0.2, 0.2, 0.9]), np.array([True, False, False]))[1] == pytest.approx(0.75)
+    # Four unit vectors, two people: (a, a') identical, (b, b') at cos 0.8, people 90° and ~53° apart.
+    vectors = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8]])
+    report = all_pairs_report(vectors, np.array([0, 0, 1, 1]))
+    assert report["pairs"] == 6 and report["same_pairs"] == 2
+    assert report["balanced_accuracy"] == 1.0 and report["auc"] == 1.0
+    # Accepts genuine distances 0 and 0.632, refuses impostors at 0.894 and 1.414: the midpoint is between.
+    assert 0.633 < report["threshold"] < 0.894
+
+
+def test_validation_set_holds_every_validation_pair_and_only_validation_people(lfw):
+    people, _, split = lfw
+    validation = validation_set(split, people)
+    named = {k for p in split.validation_pairs for k in p.keys()}
+    assert named <= set(validation.keys) and validation.pairs == split.validation_pairs
+    owners = {k.rsplit("_", 1)[0] for k in validation.keys}
+    assert owners == set(split.validation_people)  # every validation person, nobody else
+    assert len(validation.keys) == len(validation.crops) == len(validation.labels) > len(named)
+    labels = validation.labels
+    assert len(set(labels.tolist())) == len(owners)
+    same = labels[:, None] == labels[None, :]
+    assert (same.sum() - len(labels)) // 2 > 4 * sum(p.same for p in split.validation_pairs)  # far more genuine pairs
 
 
 def test_augmentation_is_deterministic_and_stays_a_face_crop(lfw):

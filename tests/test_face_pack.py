@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from training.datasets.lfw import find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
-from training.face.data import training_set
+from training.face.data import training_set, validation_set
 from training.face.pack import read_pack, write_pack
 from training.teacher import TeacherCache, TeacherUnavailable, teacher_embeddings
 
@@ -44,7 +44,7 @@ def small(data_dir: Path, tmp_path_factory) -> tuple[Path, object, np.ndarray]:
     return path, (split, data), vectors
 
 
-def test_pack_reproduces_the_training_set_and_its_targets(small):
+def test_pack_reproduces_the_training_set_and_its_targets(small, data_dir):
     path, (split, data), vectors = small
     pack = read_pack(path)
     assert pack.pixels_match  # same decoder here: the re-decoded originals are bit-identical
@@ -53,9 +53,10 @@ def test_pack_reproduces_the_training_set_and_its_targets(small):
     assert pack.data.keys == data.keys and list(pack.data.versions) == list(data.versions)
     cosine = np.sum(pack.targets * vectors, axis=1)  # int8 storage keeps each target's direction
     assert cosine.min() > 0.999
-    assert len(pack.validation_pairs) == len(split.validation_pairs) and pack.validation_pairs[0] == split.validation_pairs[0]
-    keys = {k for p in split.validation_pairs for k in p.keys()}
-    assert set(pack.validation_keys) == keys and pack.validation_crops.shape == (len(keys), 128, 128)
+    validation = validation_set(split, list_people(find_faces_dir(data_dir)))  # what training from LFW uses
+    assert pack.validation.pairs == validation.pairs and pack.validation.keys == validation.keys
+    np.testing.assert_array_equal(pack.validation.crops, validation.crops)
+    np.testing.assert_array_equal(pack.validation.labels, validation.labels)
     assert pack.split["train_people"] == 12 and pack.split["eval_folds"] == [8, 9, 10]
 
 
@@ -71,7 +72,7 @@ def test_pack_takes_fewer_versions_and_refuses_more(small):
 def test_pack_errors_name_the_problem(small, tmp_path):
     not_pack = tmp_path / "other.npz"
     np.savez(not_pack, x=np.zeros(3))
-    with pytest.raises(TeacherUnavailable, match="not a face training pack"):
+    with pytest.raises(TeacherUnavailable, match="format none, this code reads edge-face-pack/2"):
         read_pack(not_pack)
     broken = tmp_path / "broken.npz"
     broken.write_bytes(small[0].read_bytes()[:1000])
@@ -89,7 +90,7 @@ def test_training_runs_from_a_pack_alone(small, tmp_path):
     assert info["pack"] == str(small[0]) and info["train_samples"] == len(small[1][1].crops)
     assert info["preprocessing"]["size"] == [48, 48] and "keras_eval" not in info  # evaluation is the converter's
     history = json.loads(path.with_name("history.json").read_text())
-    assert history["distill"][0] > 0 and 0.0 <= history["val_accuracy"][0] <= 1.0
+    assert history["distill"][0] > 0 and 0.0 <= history["val_balanced_accuracy"][0] <= 1.0
 
 
 def test_pack_without_teacher_names_the_missing_embeddings(small, data_dir, tmp_path):

@@ -26,7 +26,7 @@ def trained(tmp_path_factory, data_dir: Path) -> Path:
                      "--epochs", "2", "--subset-people", "300", "--p", "16", "--versions", "1",
                      "--width", "32", "--input-size", "64")  # small and fast; the input size must reach the bundle
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "epoch 2/2" in result.stdout and "val_accuracy" in result.stdout  # progress is shown
+    assert "epoch 2/2" in result.stdout and "val_balanced_accuracy" in result.stdout  # progress is shown
     return out / "model.keras"
 
 

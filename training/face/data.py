@@ -14,7 +14,11 @@ import cv2
 import numpy as np
 
 from device.face import face_input
-from training.datasets.lfw import Split, load_faces
+from training.datasets.lfw import Pair, Split, load_faces
+
+# Images per validation person in the all-pairs measure: enough genuine pairs from everyone, without
+# letting the few people with 50+ photos supply most of them.
+VALIDATION_PER_PERSON = 10
 
 
 def augment(crop: np.ndarray, key: str, version: int) -> np.ndarray:
@@ -75,6 +79,41 @@ def pair_images(pairs: list, people: dict) -> tuple[list[str], np.ndarray]:
     keys = sorted({k for p in pairs for k in p.keys()})
     paths = [people[k.rsplit("_", 1)[0]][k] for k in keys]
     return keys, load_faces(paths)
+
+
+def person_of(key: str) -> str:
+    """The person an LFW key (Name_0001) belongs to."""
+    return key.rsplit("_", 1)[0]
+
+
+@dataclass
+class ValidationSet:
+    """Validation people's images with identity labels, and the validation fold's pairs among them.
+
+    Model selection scores every pair of these images (~0.5 M, ~2,000 genuine) rather than only the
+    fold's 554 pairs.txt pairs, on which two models within ~1 pp of each other swap places by chance.
+    """
+
+    keys: list[str]
+    crops: np.ndarray  # (N, 128, 128) uint8
+    pairs: list[Pair]
+
+    @property
+    def labels(self) -> np.ndarray:
+        names = sorted({person_of(k) for k in self.keys})
+        index = {name: i for i, name in enumerate(names)}
+        return np.array([index[person_of(k)] for k in self.keys], np.int32)
+
+
+def validation_keys(split: Split, people: dict, per_person: int = VALIDATION_PER_PERSON) -> list[str]:
+    """The first `per_person` images of every validation person plus every image a validation pair names."""
+    named = {k for p in split.validation_pairs for k in p.keys()}
+    return sorted(named | {k for name in split.validation_people for k in sorted(people[name])[:per_person]})
+
+
+def validation_set(split: Split, people: dict, per_person: int = VALIDATION_PER_PERSON) -> ValidationSet:
+    keys = validation_keys(split, people, per_person)
+    return ValidationSet(keys, load_faces([people[person_of(k)][k] for k in keys]), split.validation_pairs)
 
 
 class PKSampler:

@@ -110,3 +110,33 @@ def verification_report(distances: np.ndarray, same: np.ndarray, folds: np.ndarr
         "tar_far_1pct": tar_at_far(distances, same, 0.01)["tar"],
         "tar_far_0.1pct": tar_at_far(distances, same, 0.001)["tar"],
     }
+
+
+def balanced_accuracy(distances: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy) maximising (TAR + TNR) / 2: verification accuracy as if same and different
+    pairs were equally many, which all-pairs sets (a few thousand genuine among ~0.5 M) are far from."""
+    same = np.asarray(same, dtype=bool)
+    order = np.argsort(distances, kind="mergesort")
+    ordered, genuine = np.asarray(distances)[order], same[order]
+    # Accepting the first k pairs (k = 0..n); only cut where the distance changes, so ties stay together.
+    tar = np.concatenate([[0.0], np.cumsum(genuine) / max(1, genuine.sum())])
+    far = np.concatenate([[0.0], np.cumsum(~genuine) / max(1, (~genuine).sum())])
+    cuts = np.concatenate([[True], ordered[1:] != ordered[:-1], [True]])
+    scores = np.where(cuts, (tar + 1.0 - far) / 2, -1.0)
+    k = int(np.argmax(scores))
+    edges = np.concatenate([[ordered[0] - 1e-6], ordered, [ordered[-1] + 1e-6]])
+    return float((edges[k] + edges[k + 1]) / 2), float(scores[k])
+
+
+def all_pairs_report(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Verification over every pair of the given unit embeddings (pair i<j is genuine when labels match)."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    first, second = np.triu_indices(len(embeddings), k=1)
+    similarity = (embeddings @ embeddings.T)[first, second]
+    distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * similarity))
+    same = np.asarray(labels)[first] == np.asarray(labels)[second]
+    threshold, accuracy = balanced_accuracy(distances, same)
+    return {"pairs": int(len(distances)), "same_pairs": int(same.sum()), "balanced_accuracy": accuracy,
+            "threshold": threshold, "auc": roc_auc(distances, same),
+            "tar_far_1pct": tar_at_far(distances, same, 0.01)["tar"],
+            "tar_far_0.1pct": tar_at_far(distances, same, 0.001)["tar"]}

@@ -7,8 +7,9 @@ host writes a pack once (`training face-pack`), the GPU machine trains from it (
 - the teacher's embedding of every version of every image, aligned by (image, version) rather than by pixel
   hash, so a different JPEG decoder or OpenCV build on the other machine costs rounding, not targets.
   Stored as int8 with one scale (cos >= 0.9998 to the float vectors after centring, measured on LFW);
-- the validation pairs with their images and the split's description (evaluation images are not in it:
-  the evaluation folds are measured on the host, by the converter).
+- the validation images (data.ValidationSet: up to 10 per validation person plus every image a validation pair
+  names), the validation pairs and the split's description (evaluation images are not in it: the evaluation
+  folds are measured on the host, by the converter).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from training.datasets.lfw import Pair, Split, frame_face, load_faces
-from training.face.data import FaceSet, versioned
+from training.face.data import FaceSet, ValidationSet, person_of, validation_keys, versioned
 from training.teacher import TeacherCache, TeacherUnavailable, teacher_embeddings
 
-FORMAT = "edge-face-pack/1"
+FORMAT = "edge-face-pack/2"  # /2: the whole validation set, not only the pairs' images
 
 
 @dataclass
@@ -36,9 +37,7 @@ class FacePack:
 
     data: FaceSet
     targets: np.ndarray  # (N, 128) float32 unit vectors, aligned with data
-    validation_keys: list[str]
-    validation_crops: np.ndarray
-    validation_pairs: list[Pair]
+    validation: ValidationSet
     split: dict[str, Any]
     pixels_match: bool  # decoded originals identical to the host's
 
@@ -71,8 +70,8 @@ def write_pack(path: Path, people: dict, split: Split, versions: int, cache: Tea
     targets = teacher_embeddings(data.crops, cache, embed, desc="teacher (pack)", workers=workers)
     scale = 127.0 / float(np.abs(targets).max())
     blob, offsets = _encoded([file for _, _, file in items])
-    val_keys = sorted({k for p in split.validation_pairs for k in p.keys()})
-    val_blob, val_offsets = _encoded([people[k.rsplit("_", 1)[0]][k] for k in val_keys])
+    val_keys = validation_keys(split, people)
+    val_blob, val_offsets = _encoded([people[person_of(k)][k] for k in val_keys])
     pairs = split.validation_pairs
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, format=np.array(FORMAT), versions=np.array(versions),
@@ -96,7 +95,9 @@ def read_pack(path: Path, versions: int | None = None) -> FacePack:
         raise TeacherUnavailable(f"{path}: not a readable face training pack ({exc})") from exc
     with data:
         if "format" not in data or str(data["format"]) != FORMAT:
-            raise TeacherUnavailable(f"{path}: not a face training pack of format {FORMAT}")
+            found = str(data["format"]) if "format" in data else "none"
+            raise TeacherUnavailable(f"{path}: format {found}, this code reads {FORMAT}; "
+                                     "write it again with `training face-pack` (make face-pack)")
         have = int(data["versions"])
         versions = have if versions is None else versions
         if versions > have:
@@ -113,4 +114,4 @@ def read_pack(path: Path, versions: int | None = None) -> FacePack:
         split = json.loads(str(data["split"]))
         pixels_match = _digest(originals) == str(data["originals_sha256"])
     face_set = versioned(originals, labels, keys, versions)
-    return FacePack(face_set, targets, val_keys, val_crops, pairs, split, pixels_match)
+    return FacePack(face_set, targets, ValidationSet(val_keys, val_crops, pairs), split, pixels_match)

@@ -6,14 +6,16 @@ Losses (weights per recipe):
 - `cosface`: large-margin cosine softmax over the training identities (CosFace, s=30, m=0.35);
 - `distill`: 1 − cos(student, teacher) to dlib's embedding of the very same pixels;
 - `simmatch`: pairwise similarity matching — the batch's student cosine matrix regressed onto the teacher's.
-Early stopping watches verification accuracy on the validation fold (identities disjoint from training
-and evaluation); the evaluation folds are measured once, at the end, and never steer anything.
+Early stopping watches balanced verification accuracy over every pair of the validation people's images
+(identities disjoint from training and evaluation; the fold's 554 pairs.txt pairs alone are too few to rank
+close models); the evaluation folds are measured once, at the end, and never steer anything.
 Plain Keras 3 (`fit` + `compute_loss`, losses in `keras.ops`): the same code trains on TensorFlow on the host
 and on JAX or PyTorch on a GPU machine, from a training pack (pack.py) where LFW and dlib are missing.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -28,8 +30,8 @@ from device.face import FACE_SPEC, face_spec
 from device.face import embeddings as device_embeddings
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
 from training.datasets.lfw import Split, find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
-from training.face.data import FaceSet, PKSampler, pair_images, student_inputs, training_set
-from training.face.metrics import best_threshold, pair_distances, roc_auc, verification_report
+from training.face.data import FaceSet, PKSampler, ValidationSet, pair_images, student_inputs, training_set, validation_set
+from training.face.metrics import all_pairs_report, best_threshold, pair_distances, roc_auc, verification_report
 from training.face.models import ARCHITECTURES, EMBEDDING_SIZE
 from training.face.pack import read_pack
 from training.face.recipes import RECIPES, TEACHER_LOSSES
@@ -39,6 +41,9 @@ TRIPLET_MARGIN = 0.2
 COSFACE_SCALE, COSFACE_MARGIN = 30.0, 0.35
 DEFAULT_CACHE = Path("build/face/teacher")
 CHECKPOINT = "checkpoint-best.keras"  # best validation epoch so far, rewritten while training runs
+# The epoch kept is the one with the best balanced accuracy over all validation pairs (see data.ValidationSet).
+SELECT_BY = "val_balanced_accuracy"
+SELECTION = "max over thresholds of (TAR + TNR) / 2 over every pair of the validation people's images"
 
 
 def semi_hard_triplet_loss(labels: Any, embeddings: Any, margin: float = TRIPLET_MARGIN) -> Any:
@@ -160,6 +165,18 @@ def verification(embeddings: dict[str, np.ndarray], pairs: list) -> dict[str, An
     return {"pairs": len(pairs), "accuracy": accuracy, "threshold": threshold, "auc": roc_auc(distances, same)}
 
 
+def validate(model: keras.Model, validation: ValidationSet, x: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
+    """One epoch's validation: all-pairs measures (what selects the epoch) and the fold's pairs.txt accuracy.
+
+    `x` is `validation.crops` as model input, prepared once for the whole run.
+    """
+    vectors = embed_keras(model, x, spec)
+    pairs = verification(dict(zip(validation.keys, vectors)), validation.pairs)
+    every = all_pairs_report(vectors, validation.labels)
+    return {"val_balanced_accuracy": every["balanced_accuracy"], "val_auc": every["auc"],
+            "val_tar_far_0.1pct": every["tar_far_0.1pct"], "val_pairs_accuracy": pairs["accuracy"]}
+
+
 def load_lfw(data_dir: str | Path | None) -> tuple[dict, Split]:
     faces_dir = find_faces_dir(data_dir)
     people = list_people(faces_dir)
@@ -217,7 +234,7 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
               + ("identical to the host's" if packed.pixels_match else "differ from the host's (other decoder)"),
               flush=True)
         data, targets, split_info = packed.data, packed.targets, packed.split
-        val_keys, val_crops, val_pairs = packed.validation_keys, packed.validation_crops, packed.validation_pairs
+        validation = packed.validation
         evaluate = False
     else:
         people, split = load_lfw(data_dir)
@@ -231,14 +248,15 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
                            data.versions[keep])
             targets = targets[keep]
         split_info = split.describe()
-        val_pairs = split.validation_pairs
-        val_keys, val_crops = pair_images(val_pairs, people)
+        validation = validation_set(split, people)
     if TEACHER_LOSSES & set(weights):
         targets = centred(targets)
     x = student_inputs(data.crops, spec)
-    val_x = student_inputs(val_crops, spec)
+    val_x = student_inputs(validation.crops, spec)
 
     size = spec["size"]
+    default_width = inspect.signature(ARCHITECTURES[arch]).parameters.get("width")
+    width = width or (default_width.default if default_width else None)  # recorded, never null for the edge net
     model = ARCHITECTURES[arch]((size[0], size[1], spec["channels"]), **({"width": width} if width else {}))
     if init:  # fine-tuning: start from a finished run's weights (same architecture) instead of random ones
         try:
@@ -258,23 +276,22 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
           f"{len(x):,} samples ({versions} versions), {sampler.steps_per_epoch} steps of {p}x{k} per epoch, "
           f"up to {epochs} epochs", flush=True)
     history: dict[str, list[float]] = {}
-    best = {"accuracy": -1.0, "epoch": 0, "weights": model.get_weights()}
+    best: dict[str, Any] = {"score": -1.0, "epoch": 0, "weights": model.get_weights(), "validation": {}}
     started = time.time()
     for epoch in range(1, epochs + 1):
         logs = trainer.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if sys.stdout.isatty() else 0)
-        val = verification(dict(zip(val_keys, embed_keras(model, val_x, spec))), val_pairs)
-        record = {**{n: values[-1] for n, values in logs.history.items()},
-                  "val_accuracy": val["accuracy"], "val_auc": val["auc"]}
+        val = validate(model, validation, val_x, spec)
+        record = {**{n: values[-1] for n, values in logs.history.items()}, **val}
         for name, value in record.items():
             history.setdefault(name, []).append(float(value))
         print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{n} {v:.4f}" for n, v in record.items())
               + f" ({time.time() - started:.0f} s)", flush=True)
-        if val["accuracy"] > best["accuracy"]:
-            best = {"accuracy": val["accuracy"], "epoch": epoch, "weights": model.get_weights()}
+        if val[SELECT_BY] > best["score"]:
+            best = {"score": val[SELECT_BY], "epoch": epoch, "weights": model.get_weights(), "validation": val}
             out.mkdir(parents=True, exist_ok=True)
             model.save(out / CHECKPOINT)  # hours of CPU are not lost to a killed run
         elif epoch - best["epoch"] >= patience:
-            print(f"early stop: validation accuracy has not improved for {patience} epochs", flush=True)
+            print(f"early stop: {SELECT_BY} has not improved for {patience} epochs", flush=True)
             break
     model.set_weights(best["weights"])
     seconds = time.time() - started
@@ -288,7 +305,10 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         "macs": count_macs(model),
         "epochs_run": len(history["loss"]),
         "best_epoch": best["epoch"],
-        "validation_accuracy": best["accuracy"],
+        "validation_accuracy": best["validation"].get("val_pairs_accuracy"),  # the fold's pairs.txt, as before
+        "selected_by": f"{SELECT_BY}: {SELECTION}",
+        "validation": {**best["validation"], "images": len(validation.keys),
+                       "people": len(set(validation.labels.tolist()))},
         "versions": versions,
         "batch": f"{p}x{k}",
         "learning_rate": learning_rate,
