@@ -47,8 +47,8 @@ STRANGERS = ["alex-lacamoire.png", "lin-manuel-miranda.png", "astronaut.png"]
 # makes them pass, the marker must go.
 RECOGNITION_GAP = pytest.mark.xfail(
     strict=True,
-    reason="face embedder too weak yet (93.6% LFW, TAR 39.8% at FAR 0.1% of all impostor pairs; the lock's default "
-           "far_0.001pct threshold refuses 95.4% of residents per frame): enrolled person not recognised",
+    reason="face embedder too weak yet (95.0% LFW, TAR 42.8% at FAR 0.1% of all impostor pairs; the lock's default "
+           "far_0.001pct threshold refuses 94.2% of residents per frame): enrolled person not recognised",
 )
 
 
