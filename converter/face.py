@@ -7,6 +7,7 @@ thresholds are calibrated per model variant, so the int8 model on the device use
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_t
                                write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
-from device.face import embeddings, face_spec
+from device.face import Cohort, embeddings, face_spec
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
@@ -31,6 +32,9 @@ FAR_STRICT = 0.001
 # A door lock compares a stranger with every enrolled embedding (~100 for a household), so its per-attempt
 # false-accept rate is up to ~100x the per-pair rate: 0.001% per pair ≈ 0.1% per attempt.
 FAR_DOOR = 0.00001
+# Cohort score normalisation (device.face.Cohort): one face per training person, top-k similarities.
+# Both chosen on the validation people (all 3,884 people beat 500-2,000; k 50 beat 10, 25 and 100 at FAR 0.001%).
+COHORT_TOP_K = 50
 
 
 def embed_file(path: Path, x: np.ndarray, desc: str, spec: dict[str, Any]) -> np.ndarray:
@@ -38,11 +42,15 @@ def embed_file(path: Path, x: np.ndarray, desc: str, spec: dict[str, Any]) -> np
     return embeddings(lambda batch: device_outputs(path, batch, desc), x, spec)
 
 
+def impostor_mask(identities: np.ndarray) -> np.ndarray:
+    """Upper-triangle mask of every pair of images of different people (millions: a FAR of 0.1% needs many)."""
+    return np.triu(np.ones((len(identities),) * 2, dtype=bool), k=1) & (identities[:, None] != identities[None, :])
+
+
 def impostor_distances(embeddings: np.ndarray, identities: np.ndarray) -> np.ndarray:
-    """Distances of every pair of images of different people (millions: a FAR of 0.1% needs many impostors)."""
+    """Distances of every pair of images of different people."""
     cosine = embeddings @ embeddings.T
-    upper = np.triu(np.ones(cosine.shape, dtype=bool), k=1) & (identities[:, None] != identities[None, :])
-    return np.sqrt(np.maximum(2.0 - 2.0 * cosine[upper], 0.0))
+    return np.sqrt(np.maximum(2.0 - 2.0 * cosine[impostor_mask(identities)], 0.0))
 
 
 class PairSet:
@@ -82,6 +90,26 @@ class PairSet:
         details["best_accuracy"] = {"threshold": best, "accuracy_on_pairs": accuracy,
                                     "far_all_impostors": float(np.mean(impostors <= best))}
         return {name: d["threshold"] for name, d in details.items()}, details
+
+    def normalised(self, embeddings: np.ndarray, cohort: Cohort) -> tuple[dict[str, float], dict[str, Any]]:
+        """Thresholds on the cohort-normalised score (accept when score >= threshold), calibrated like
+        `thresholds` on all impostor pairs, and the pairs' verification report on that score."""
+        scores = cohort.scores(embeddings, embeddings)
+        index = {k: i for i, k in enumerate(self.keys)}
+        pair_scores = np.array([scores[index[a], index[b]] for a, b in (p.keys() for p in self.pairs)])
+        impostors = scores[impostor_mask(self.identities)]
+        # The metrics work on distances (smaller = same): a negated score orders pairs the same way.
+        report = verification_report(-pair_scores, self.same, self.folds)
+        best, accuracy = best_threshold(-pair_scores, self.same)
+        details: dict[str, Any] = {"pairs_report": report}
+        for name, far in (("far_0.1pct", FAR_STRICT), ("far_0.001pct", FAR_DOOR)):
+            threshold = -threshold_at_far(-impostors, far)
+            details[name] = {"threshold": threshold, "impostor_pairs": int(len(impostors)),
+                             "far_all_impostors": float(np.mean(impostors >= threshold)),
+                             "tar_on_pairs": float(np.mean(pair_scores[self.same] >= threshold))}
+        details["best_accuracy"] = {"threshold": -best, "accuracy_on_pairs": accuracy,
+                                    "far_all_impostors": float(np.mean(impostors >= -best))}
+        return {name: d["threshold"] for name, d in details.items() if name != "pairs_report"}, details
 
 
 def nearest_neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,8 +180,22 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     for variant, emb in (("float", float_emb), ("int8", int8_emb)):
         thresholds[variant], threshold_details[variant] = pairs.thresholds(emb)
     pair = model_pair(float_bytes, result.int8, io_type)
-    for variant in ("float", "int8"):
+    # Cohort for score normalisation: the first image of every training person, embedded by each variant.
+    cohort_x = student_inputs(load_faces([next(iter(people[n].values())) for n in split.train_people],
+                                         progress=False), spec)
+    normalised = {}
+    for variant, tflite in (("float", float_bytes), ("int8", result.int8)):
+        vectors = score_bytes(tflite, lambda p: embed_file(p, cohort_x, f"cohort ({variant})", spec))
+        stored = Cohort(vectors, COHORT_TOP_K).to_bytes()
+        cohort = Cohort.load(io.BytesIO(stored), COHORT_TOP_K)  # calibrate on exactly what the device will read
+        emb = float_emb if variant == "float" else int8_emb
+        score_thresholds, normalised[variant] = pairs.normalised(emb, cohort)
+        pair.files[f"cohort_{variant}.npz"] = stored
         pair.models[variant]["thresholds"] = thresholds[variant]
+        pair.models[variant]["score_normalisation"] = {
+            "method": "as-norm (device.face.Cohort)", "cohort": f"cohort_{variant}.npz", "top_k": COHORT_TOP_K,
+            "cohort_faces": len(vectors), "cohort_source": "first image of every training person",
+            "thresholds": score_thresholds}
     recipe_rows = json.loads(recipes.read_text()) if recipes and recipes.is_file() else []
 
     metrics = {"keras_float": keras_report, "float": float_report, "int8": int8_report, "teacher": teacher_report,
@@ -170,6 +212,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
         "labels": [],
         "thresholds": thresholds["int8"],
         "threshold_calibration": threshold_details,
+        "normalised_calibration": normalised,
         "metrics": metrics,
         "gate": result.record(gate, drop_pp),
         "calibration": {"samples": int(len(calibration)), "source": "original crops of training identities",
@@ -193,7 +236,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     print(f"gate {'PASSED' if result.passed else 'FAILED'}: int8 accuracy drop {drop_pp:+.2f} pp (limit {max_drop_pp} pp); "
           f"cosine int8 vs float {agreement['mean_cosine_int8_vs_float']:.4f}, nearest-neighbour agreement "
           f"{agreement['nearest_neighbour_agreement']:.2%}")
-    print(f"int8 thresholds: {thresholds['int8']}")
+    print(f"int8 thresholds: {thresholds['int8']}; on the normalised score: "
+          f"{manifest['models']['int8']['score_normalisation']['thresholds']}")
     print(f"bundle written to {target} (report: {target / 'report.md'})")
     return result.passed
 
@@ -257,6 +301,23 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
                     for v, c in calibration.items())
         + ". The door lock uses far_0.001pct by default: a stranger is compared with every enrolled embedding, "
         "so the per-attempt rate is up to (gallery size) x the per-pair rate.",
+        "",
+        "## Cohort-normalised score (what the door lock matches with; accept when score >= threshold)",
+        "",
+        "Each pair's cosine is measured against both faces' top-k similarities to a cohort of training people "
+        "(device.face.Cohort; the cohort file is in the bundle). Pairs metrics on that score:",
+        "",
+        markdown_table(
+            ["variant", "accuracy %", "ROC AUC", "TAR@FAR1% %", "TAR@FAR0.1% %"],
+            [[v, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", r["auc"],
+              f"{100 * r['tar_far_1pct']:.1f}", f"{100 * r['tar_far_0.1pct']:.1f}"]
+             for v, r in ((v, c["pairs_report"]) for v, c in manifest["normalised_calibration"].items())]),
+        "",
+        markdown_table(
+            ["variant", "threshold", "score", "FAR on all impostor pairs", "TAR on pairs"],
+            [[v, name, c[name]["threshold"], f"{100 * c[name]['far_all_impostors']:.4f}% of "
+              f"{c[name]['impostor_pairs']:,}", f"{100 * c[name]['tar_on_pairs']:.1f}%"]
+             for v, c in manifest["normalised_calibration"].items() for name in ("far_0.1pct", "far_0.001pct")]),
     ]
     if recipes:
         lines += ["", "## Training recipes (short runs on the same split, same training subset and budget; "

@@ -9,14 +9,17 @@ Haar box on any camera frame, because an embedder only works on crops framed lik
 Thresholds are Euclidean distances between unit embeddings (accept when distance <= threshold). Each
 model variant's entry in the manifest carries the thresholds calibrated on that variant (int8 and float
 differ slightly); the top-level `thresholds` are those of the default int8 model. `threshold()` always
-answers for the model this object runs.
+answers for the model this object runs. A bundle may also carry a cohort for score normalisation
+(`Cohort`) with its own thresholds on the normalised score (`score_threshold()`; accept when score >= it).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -135,14 +138,64 @@ def embeddings(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, spec: dic
     return np.stack([embedding(o, m) for o, m in zip(outputs, mirrored)])
 
 
+@dataclass
+class Cohort:
+    """Adaptive symmetric score normalisation (AS-norm) against faces of people nobody enrolls.
+
+    A weak embedder puts some faces (blurred, side-lit, a common look) close to everyone: raw distances
+    then mix "this pair is alike" with "this face is alike to all". Measuring each face against a cohort
+    of strangers — the mean and spread of its `top_k` highest cosine similarities to them — and scoring a
+    pair by how far its similarity stands above both faces' cohort levels, ((s - mu_a)/sd_a + (s - mu_b)/sd_b)/2,
+    removes most of that. Measured on the validation people (never trained on) with the shipped int8
+    model: TAR at FAR 0.1% of all pairs 46% → 76%, at FAR 0.001% 6% → 37%. The cohort is one embedding per
+    training person, made by the same model variant; higher score = more alike.
+    """
+
+    vectors: np.ndarray  # (N, D) float32 unit embeddings
+    top_k: int
+
+    def stats(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of each embedding's top-k cosine similarities to the cohort."""
+        sims = np.atleast_2d(np.asarray(embeddings, np.float32)) @ self.vectors.T
+        top = np.partition(sims, sims.shape[1] - self.top_k, axis=1)[:, -self.top_k:]
+        return top.mean(axis=1), np.maximum(top.std(axis=1), 1e-6)
+
+    def scores(self, probes: np.ndarray, enrolled: np.ndarray,
+               enrolled_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Normalised scores (n_probes, n_enrolled); pass `enrolled_stats` to reuse them across calls."""
+        probes = np.atleast_2d(np.asarray(probes, np.float32))
+        enrolled = np.atleast_2d(np.asarray(enrolled, np.float32))
+        mu_p, sd_p = self.stats(probes)
+        mu_e, sd_e = enrolled_stats if enrolled_stats is not None else self.stats(enrolled)
+        sims = probes @ enrolled.T
+        return ((sims - mu_p[:, None]) / sd_p[:, None] + (sims - mu_e[None, :]) / sd_e[None, :]) / 2
+
+    @classmethod
+    def load(cls, path: Path | BinaryIO, top_k: int) -> "Cohort":
+        """A cohort file as the converter writes it: int8 rows plus one float scale (`vectors / scale`)."""
+        with np.load(path, allow_pickle=False) as data:
+            vectors = data["vectors"].astype(np.float32) / float(data["scale"])
+        return cls(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), top_k)
+
+    def to_bytes(self) -> bytes:
+        """The file `load` reads: int8 rows and their scale (a quarter of float32's size, cosine > 0.999)."""
+        scale = 127.0 / float(np.abs(self.vectors).max())
+        buffer = io.BytesIO()
+        np.savez(buffer, vectors=np.round(self.vectors * scale).astype(np.int8), scale=np.float32(scale))
+        return buffer.getvalue()
+
+
 class FaceEmbedder:
     """A face bundle's model as `crop → unit embedding`, with the bundle's calibrated thresholds."""
 
-    def __init__(self, model: Model, spec: dict[str, Any], thresholds: dict[str, float], variant: str):
+    def __init__(self, model: Model, spec: dict[str, Any], thresholds: dict[str, float], variant: str,
+                 cohort: Cohort | None = None, score_thresholds: dict[str, float] | None = None):
         self.model = model
         self.spec = spec
         self.thresholds = thresholds
         self.variant = variant
+        self.cohort = cohort
+        self.score_thresholds = score_thresholds or {}
 
     @classmethod
     def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "FaceEmbedder":
@@ -156,7 +209,13 @@ class FaceEmbedder:
             thresholds = bundle.thresholds  # top-level `thresholds` belong to the default (int8) model
         if not thresholds:
             raise BundleError(f"bundle {bundle.root} has no match thresholds for its '{variant}' model")
-        return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant)
+        cohort, score_thresholds = None, {}
+        normalisation = bundle.model_info(variant).get("score_normalisation")
+        if normalisation:  # the file was sha256-checked with the rest of the bundle
+            cohort = Cohort.load(bundle.root / normalisation["cohort"], int(normalisation["top_k"]))
+            score_thresholds = {k: float(v) for k, v in normalisation["thresholds"].items()}
+        return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant,
+                   cohort, score_thresholds)
 
     def embed(self, face_crop: np.ndarray) -> np.ndarray:
         """128x128 grey crop from `crop_face` (any size or BGR is accepted and converted) → unit vector."""
@@ -179,6 +238,15 @@ class FaceEmbedder:
             raise BundleError(f"no threshold '{name}' for the {self.variant} model; "
                               f"available: {', '.join(sorted(self.thresholds))}")
         return self.thresholds[name]
+
+    def score_threshold(self, name: str = "far_0.1pct") -> float:
+        """Threshold on the cohort-normalised score (accept when score >= it), calibrated like `threshold`."""
+        if self.cohort is None:
+            raise BundleError(f"the {self.variant} model's bundle has no cohort for score normalisation")
+        if name not in self.score_thresholds:
+            raise BundleError(f"no normalised-score threshold '{name}' for the {self.variant} model; "
+                              f"available: {', '.join(sorted(self.score_thresholds))}")
+        return self.score_thresholds[name]
 
     def compare(self, known: np.ndarray, candidate: np.ndarray, threshold: float | None = None) -> bool:
         """Same person? True when the embeddings are within `threshold` (default: the FAR 0.1% threshold)."""

@@ -6,6 +6,7 @@ test_doorlock_e2e.py); face crops for the liveness measure are real LFW crops.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ import pytest
 from device.doorlock.audit import AuditLog
 from device.doorlock.config import DecisionConfig, LivenessConfig
 from device.doorlock.decide import Decider, Decision, Gallery, Match, motion
+from device.face import Cohort
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,39 @@ def crops(data_dir: Path) -> list[np.ndarray]:
 def unit(v: list[float]) -> np.ndarray:
     v = np.asarray(v, np.float32)
     return v / np.linalg.norm(v)
+
+
+def test_cohort_scores_on_a_hand_checkable_example() -> None:
+    # Cohort: the four axis directions in 2-D, top 2 similarities. Any axis probe sees (1, 0) → mean 0.5, sd 0.5.
+    cohort = Cohort(np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.float32), top_k=2)
+    mean, sd = cohort.stats(np.array([[1, 0], [0, 1]], np.float32))
+    assert mean.tolist() == [0.5, 0.5] and sd.tolist() == [0.5, 0.5]
+    scores = cohort.scores(np.array([[1, 0]]), np.array([[1, 0], [0, 1]]))
+    # Same direction: (1 - 0.5) / 0.5 from both sides → 1. Orthogonal: (0 - 0.5) / 0.5 → -1.
+    np.testing.assert_allclose(scores, [[1.0, -1.0]], atol=1e-6)
+    # The file the converter writes and the device reads keeps the directions (int8 rows + one scale).
+    again = Cohort.load(io.BytesIO(cohort.to_bytes()), 2)
+    np.testing.assert_allclose(again.vectors, cohort.vectors, atol=1e-6)
+
+
+def test_normalising_gallery_demotes_a_face_that_is_close_to_everyone() -> None:
+    """The hub case normalisation exists for: a probe that resembles much of the cohort scores lower than a
+    distinctive probe, although its raw distance to the enrolled face is smaller."""
+    rng = np.random.default_rng(0)
+    cohort_vectors = rng.normal(size=(200, 8)).astype(np.float32)
+    hub_direction = unit([1, 1, 1, 1, 1, 1, 1, 1])
+    cohort_vectors[:100] = hub_direction + 0.3 * cohort_vectors[:100]  # half the cohort crowds one direction
+    cohort = Cohort(cohort_vectors / np.linalg.norm(cohort_vectors, axis=1, keepdims=True), top_k=20)
+    ann = unit([1, 1, 1, 1, 0, 0, 0, 0])
+    distinctive = unit([1, 1, 1, 1, 0, 0, 0, -0.8])
+    hub = unit([1, 1, 1, 1, 0.7, 0.0, 0.0, 0.2])
+    gallery = Gallery([("ann", ann)], cohort)
+    d, h = gallery.match(distinctive, threshold=1.0), gallery.match(hub, threshold=1.0)
+    assert h.distance < d.distance  # raw distance ranks the hub closer to ann …
+    assert d.score > h.score  # … the normalised score ranks the distinctive face first
+    assert d.score is not None and (d.person == "ann") == (d.score >= 1.0)
+    raw = Gallery([("ann", ann)])
+    assert raw.match(hub, threshold=0.7).score is None
 
 
 def test_gallery_refuses_unknown_faces_instead_of_nearest_match() -> None:

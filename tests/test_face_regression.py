@@ -78,6 +78,27 @@ def test_manifest_thresholds_are_the_int8_models(bundle, eval_set, embeddings):
     assert embeddings["float"][0].threshold() == float_thresholds["far_0.1pct"]
 
 
+def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle, eval_set, embeddings):
+    """The cohort file and score thresholds the device loads reproduce the converter's calibration, and the
+    normalised score accepts more genuine pairs than the raw distance at the same FAR over all impostor pairs."""
+    from converter.face import PairSet
+
+    split, keys, _ = eval_set
+    embedder, int8 = embeddings["int8"]
+    assert embedder.cohort is not None and len(embedder.cohort.vectors) == len(split.train_people)
+    pairs = PairSet(split.eval_pairs, keys)
+    recalibrated, details = pairs.normalised(int8, embedder.cohort)
+    for name, value in recalibrated.items():
+        assert embedder.score_threshold(name) == pytest.approx(value, abs=1e-4)
+    assert details["far_0.001pct"]["far_all_impostors"] <= 0.00001
+    raw = pairs.thresholds(int8)[1]
+    for name in ("far_0.1pct", "far_0.001pct"):
+        assert details[name]["tar_on_pairs"] > raw[name]["tar_on_pairs"], name
+    assert details["pairs_report"]["auc"] > bundle.manifest["metrics"]["int8"]["auc"]
+    with pytest.raises(BundleError, match="available"):
+        embedder.score_threshold("no-such-threshold")
+
+
 def test_embedder_api_on_a_real_pair(bundle, eval_set, embeddings):
     split, keys, crops = eval_set
     embedder, int8 = embeddings["int8"]

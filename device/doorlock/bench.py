@@ -75,7 +75,7 @@ def bench_pipeline(config: Config, source: str, frames: int = 300, hold: int = 1
         face = recognizer.detector.largest(photo)
         if face is not None:
             entries.append((f"person{i}", recognizer.embed_face(photo, face)[1]))
-    gallery = Gallery(entries)
+    gallery = recognizer.gallery(entries, config.decision.threshold)
     threshold = recognizer.threshold(config.decision.threshold)
     for frame in sequence[:10]:  # warm-up: interpreter allocation, OpenCV's first-call costs
         recognizer.process(frame, gallery, threshold)

@@ -49,8 +49,9 @@ def _enroll_camera(db: FaceDB, recognizer: Recognizer, args: argparse.Namespace,
     """Take `--count` good face photos from a camera, `--interval` seconds apart so they differ a little."""
     spec = args.camera or config.camera.source
     added, last, deadline = 0, 0.0, time.monotonic() + args.timeout
-    # Every photo must show the same person as the first: someone walking behind must not be enrolled too.
-    first, same_person = None, recognizer.embedder.threshold("best_accuracy")
+    # Every photo must show the same person as the first (by the lock's own matching rule at its loosest
+    # calibrated threshold): someone walking behind must not be enrolled too.
+    first, same_person = None, recognizer.threshold("best_accuracy")
     with open_source(spec, size=(config.camera.width, config.camera.height)) as source:
         print(f"look at the camera ({spec}); taking {args.count} photos …", flush=True)
         while added < args.count:
@@ -67,8 +68,8 @@ def _enroll_camera(db: FaceDB, recognizer: Recognizer, args: argparse.Namespace,
             except (FrameError, EnrollError, CameraError):
                 continue
             if first is None:
-                first = vector
-            elif recognizer.embedder.distance(first, vector) > same_person:
+                first = recognizer.gallery([("first", vector)], "best_accuracy")
+            elif first.match(vector, same_person).person is None:
                 print("  skipped a frame: a different face than the first photo?", flush=True)
                 continue
             db.add(args.name, vector, crop, recognizer.model_sha256, f"camera {spec}")
@@ -142,9 +143,8 @@ def _check_config(args: argparse.Namespace, config: Config) -> int:
     threshold), so a deploy fails here rather than when the service starts."""
     print(json.dumps(asdict(config), indent=2, default=str))
     recognizer = Recognizer.from_config(config)
-    threshold = recognizer.threshold(config.decision.threshold)
     print(f"ok: {recognizer.embedder.variant} face model {recognizer.embedder.model.path} verified, "
-          f"match threshold {config.decision.threshold} = distance {threshold:.4f}")
+          f"match threshold {recognizer.describe_threshold(config.decision.threshold)}")
     return 0
 
 

@@ -2,9 +2,10 @@
 
 The rules that matter for safety, and why:
 
-- A face matches a person only when its distance to one of that person's enrolled embeddings is
-  within the threshold calibrated on the deployed model (FAR 0.1% by default). An unknown face is
-  refused; there is no "nearest enrolled person wins", the classic way such locks admit strangers.
+- A face matches a person only when its score against one of that person's enrolled embeddings passes
+  the threshold calibrated on the deployed model (the cohort-normalised score where the bundle carries a
+  cohort, else the distance). An unknown face is refused; there is no "nearest enrolled person wins",
+  the classic way such locks admit strangers.
 - One frame never unlocks: the same person must be matched in `votes_needed` of the last `window`
   frames with a face, which turns a rare per-frame false match into a much rarer unlock.
 - After `max_attempts` refusals within `attempt_window_s` the lock ignores everyone for
@@ -17,45 +18,67 @@ The rules that matter for safety, and why:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from device.doorlock.config import DecisionConfig, LivenessConfig
+from device.face import Cohort
 
 
 @dataclass(frozen=True)
 class Match:
-    """Best match of one face against the gallery: `person` is None unless within the threshold."""
+    """Best match of one face against the gallery: `person` is None unless within the threshold.
+
+    `distance` is the raw distance to the best enrolled embedding (what the audit log shows); `score` is
+    the cohort-normalised score that decided, when the gallery normalises (None otherwise).
+    """
 
     person: str | None
     nearest: str | None
     distance: float
+    score: float | None = None
 
 
 class Gallery:
-    """All enrolled embeddings in one matrix, so a frame costs one matrix product whatever the head count."""
+    """All enrolled embeddings in one matrix, so a frame costs one matrix product whatever the head count.
 
-    def __init__(self, entries: list[tuple[str, np.ndarray]]):
+    Without a cohort, `threshold` is a distance (accept when the nearest is within it); with one (the
+    bundle's `Cohort`), it is a normalised score (accept when the best score reaches it).
+    """
+
+    def __init__(self, entries: list[tuple[str, np.ndarray]], cohort: Cohort | None = None):
         self.names = [name for name, _ in entries]
         self.people = sorted(set(self.names))
         dim = entries[0][1].shape[-1] if entries else 0
         self.vectors = np.stack([v for _, v in entries]).astype(np.float32) if entries else np.zeros((0, dim), np.float32)
+        self.cohort = cohort
+        # Enrolled embeddings' cohort statistics, computed once rather than per frame.
+        self._stats = cohort.stats(self.vectors) if cohort is not None and entries else None
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def best(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """For each row of `embeddings`: index of the best enrolled vector, its distance, and its score."""
+        sims = np.atleast_2d(np.asarray(embeddings, np.float32)) @ self.vectors.T
+        scores = self.cohort.scores(embeddings, self.vectors, self._stats) if self.cohort is not None else None
+        best = np.argmax(scores if scores is not None else sims, axis=1)
+        rows = np.arange(len(best))
+        # Unit vectors: |a - b|^2 = 2 - 2 a.b, so one dot product per enrolled vector.
+        distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims[rows, best]))
+        return best, distances, (scores[rows, best] if scores is not None else None)
+
     def match(self, embedding: np.ndarray, threshold: float) -> Match:
-        """Nearest enrolled embedding; a person only when its distance is within `threshold`."""
+        """Best enrolled embedding; a person only when it is within `threshold` (see the class doc)."""
         if not self.names:
             return Match(None, None, float("inf"))
-        # Unit vectors: |a - b|^2 = 2 - 2 a.b, so one dot product per enrolled vector.
-        sims = self.vectors @ np.asarray(embedding, np.float32).reshape(-1)
-        distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims))
-        best = int(np.argmin(distances))
-        distance = float(distances[best])
-        name = self.names[best]
-        return Match(name if distance <= threshold else None, name, distance)
+        best, distances, scores = self.best(embedding)
+        name, distance = self.names[int(best[0])], float(distances[0])
+        if scores is None:
+            return Match(name if distance <= threshold else None, name, distance)
+        score = float(scores[0])
+        return Match(name if score >= threshold else None, name, distance, score)
 
 
 def motion(crops: list[np.ndarray]) -> float:
@@ -76,6 +99,7 @@ class Decision:
     frames: int
     motion: float
     reason: str
+    score: float | None = None  # best normalised score of the frames used, when the gallery normalises
 
 
 @dataclass
@@ -132,29 +156,31 @@ class Decider:
         self._votes.clear()
         used = [v for v in votes if v.match.person == person] if person else votes
         distance = min(v.match.distance for v in used)
+        scores = [v.match.score for v in used if v.match.score is not None]
+        score = max(scores) if scores else None
         moved = motion([v.crop for v in votes])
         if person is not None and self.liveness.enabled and moved < self.liveness.min_motion:
             decision = Decision("not_live", person, distance, len(votes), moved,
-                                f"face crops changed {moved:.2f} grey levels < {self.liveness.min_motion}: still picture?")
+                                f"face crops changed {moved:.2f} grey levels < {self.liveness.min_motion}: still picture?",
+                                score)
         elif person is not None:
             self._block(now + self.decision.cooldown_s, "cooldown")
             return Decision("unlock", person, distance, len(votes), moved,
-                            f"{len(used)} of {len(votes)} frames matched")
+                            f"{len(used)} of {len(votes)} frames matched", score)
         else:
             nearest = min(votes, key=lambda v: v.match.distance).match.nearest
             matched = sum(v.match.person is not None for v in votes)
             decision = Decision("deny", None, distance, len(votes), moved,
                                 f"no enrolled person matched in {self.decision.votes_needed} of {len(votes)} "
-                                f"frames ({matched} frame(s) matched anyone; nearest: {nearest})")
+                                f"frames ({matched} frame(s) matched anyone; nearest: {nearest})", score)
         self._denials.append(now)
         while self._denials and now - self._denials[0] > self.decision.attempt_window_s:
             self._denials.popleft()
         if len(self._denials) >= self.decision.max_attempts:
             self._denials.clear()
             self._block(now + self.decision.lockout_s, "lockout")
-            decision = Decision(decision.action, decision.person, decision.distance, decision.frames,
-                                decision.motion, decision.reason + f"; {self.decision.max_attempts} refusals "
-                                f"within {self.decision.attempt_window_s:.0f} s: locked out for {self.decision.lockout_s:.0f} s")
+            decision = replace(decision, reason=decision.reason + f"; {self.decision.max_attempts} refusals "
+                               f"within {self.decision.attempt_window_s:.0f} s: locked out for {self.decision.lockout_s:.0f} s")
         return decision
 
     def _block(self, until: float, reason: str) -> None:

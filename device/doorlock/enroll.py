@@ -18,7 +18,6 @@ import cv2
 import numpy as np
 
 from device.detect import blur_score
-from device.doorlock.decide import Gallery
 from device.doorlock.pipeline import Recognizer
 from device.face import CROP_SIZE, resize_gray
 from device.images import ImageError, load_image, to_gray
@@ -96,12 +95,12 @@ class FaceDB:
         self._db.commit()
         return int(count)
 
-    def gallery(self, model_sha256: str) -> Gallery:
-        """Embeddings made by the model with this hash, as a matcher."""
+    def entries(self, model_sha256: str) -> list[tuple[str, np.ndarray]]:
+        """(name, embedding) of every enrollment made by the model with this hash."""
         rows = self._db.execute(
             "SELECT p.name, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
             "WHERE e.model_sha256 = ? ORDER BY e.id", (model_sha256,)).fetchall()
-        return Gallery([(name, np.frombuffer(blob, np.float32).copy()) for name, blob in rows])
+        return [(name, np.frombuffer(blob, np.float32).copy()) for name, blob in rows]
 
     def stale_count(self, model_sha256: str) -> int:
         (n,) = self._db.execute("SELECT COUNT(*) FROM embeddings WHERE model_sha256 != ?", (model_sha256,)).fetchone()

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from device.doorlock.decide import Gallery
+from device.face import Cohort
 
 Embed = Callable[[np.ndarray], np.ndarray]
 
@@ -34,7 +35,7 @@ class DoorTest:
     stranger_people: int = 0
     stranger_attempts: int = 0
     stranger_accepted: int = 0
-    accepted_distances: list[float] = field(default_factory=list)
+    accepted_scores: list[float] = field(default_factory=list)  # distances, or normalised scores with a cohort
 
     @property
     def far(self) -> float:
@@ -83,11 +84,12 @@ def embed_people(embed: Embed, residents: dict[str, list[np.ndarray]], strangers
     return Embedded(households, [run(crops) for crops in strangers.values() if crops])
 
 
-def door_test(data: Embedded, threshold: float) -> DoorTest:
-    """Single-frame decisions of every attempt against its household's gallery at `threshold`."""
+def door_test(data: Embedded, threshold: float, cohort: Cohort | None = None) -> DoorTest:
+    """Single-frame decisions of every attempt against its household's gallery at `threshold` (a distance,
+    or with `cohort` a normalised score, as `Gallery` takes it)."""
     result = DoorTest(threshold, households=len(data.households), stranger_people=len(data.strangers))
     for house in data.households:
-        gallery = Gallery([(name, v) for name, (enrolled, _) in house.items() for v in enrolled])
+        gallery = Gallery([(name, v) for name, (enrolled, _) in house.items() for v in enrolled], cohort)
         result.enrolled_people += len(house)
         for name, (_, attempts) in house.items():
             for vector in attempts:
@@ -101,22 +103,27 @@ def door_test(data: Embedded, threshold: float) -> DoorTest:
                 result.stranger_attempts += 1
                 if match.person is not None:
                     result.stranger_accepted += 1
-                    result.accepted_distances.append(match.distance)
+                    result.accepted_scores.append(match.distance if cohort is None else match.score)
     return result
 
 
-def threshold_for_far(data: Embedded, far: float) -> float:
-    """The largest threshold at which at most `far` of stranger attempts are accepted (per single frame).
+def threshold_for_far(data: Embedded, far: float, cohort: Cohort | None = None) -> float:
+    """The loosest threshold at which at most `far` of stranger attempts are accepted (per single frame).
 
-    A stranger's attempt is accepted when its distance to the nearest enrolled embedding of the
-    household is within the threshold, so the per-attempt FAR is a quantile of those nearest distances.
+    A stranger's attempt is accepted when its best match in the household passes the threshold, so the
+    per-attempt FAR is a quantile of those best distances (or, with `cohort`, normalised scores).
     """
-    nearest = []
+    best = []
     for house in data.households:
-        enrolled = np.concatenate([e for e, _ in house.values()])
+        gallery = Gallery([(name, v) for name, (enrolled, _) in house.items() for v in enrolled], cohort)
         for vectors in data.strangers:
-            sims = vectors @ enrolled.T
-            nearest.append(np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims.max(axis=1))))
-    ordered = np.sort(np.concatenate(nearest))
+            _, distances, scores = gallery.best(vectors)
+            best.append(distances if cohort is None else -scores)  # smaller = closer in both cases
+    ordered = np.sort(np.concatenate(best)).astype(np.float64)
     allowed = int(far * len(ordered))
-    return float(np.nextafter(ordered[allowed], 0)) if allowed < len(ordered) else float(ordered[-1])
+    if allowed >= len(ordered):
+        limit = ordered[-1]
+    else:  # halfway to the first refused attempt, so float rounding of a single-frame match cannot cross it
+        lower = ordered[allowed - 1] if allowed > 0 else ordered[0] - 1e-3
+        limit = (lower + ordered[allowed]) / 2 if lower < ordered[allowed] else np.nextafter(lower, -np.inf)
+    return float(limit) if cohort is None else float(-limit)

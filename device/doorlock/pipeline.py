@@ -48,9 +48,24 @@ class Recognizer:
                                             threads=config.model.threads or None)
         return cls(detector, embedder, d.min_blur)
 
+    def normalises(self, setting: str | float) -> bool:
+        """Whether matching uses the bundle's cohort-normalised score: for a named threshold, when the bundle
+        has a cohort. A number in the config is always a raw distance."""
+        return isinstance(setting, str) and self.embedder.cohort is not None
+
     def threshold(self, setting: str | float) -> float:
-        """A config threshold (a bundle threshold name or a number) as a distance for this model."""
-        return float(setting) if isinstance(setting, (int, float)) else self.embedder.threshold(setting)
+        """A config threshold (a bundle threshold name or a distance) for this model, in the gallery's units."""
+        if not isinstance(setting, str):
+            return float(setting)
+        return self.embedder.score_threshold(setting) if self.normalises(setting) else self.embedder.threshold(setting)
+
+    def gallery(self, entries: list[tuple[str, np.ndarray]], setting: str | float) -> Gallery:
+        """Enrolled embeddings as a matcher whose units agree with `threshold(setting)`."""
+        return Gallery(entries, self.embedder.cohort if self.normalises(setting) else None)
+
+    def describe_threshold(self, setting: str | float) -> str:
+        units = "normalised score >=" if self.normalises(setting) else "distance <="
+        return f"{setting} = {units} {self.threshold(setting):.4f}"
 
     def embed_face(self, image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
         """The embedder-framed crop of `face` and its unit embedding."""

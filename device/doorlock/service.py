@@ -83,7 +83,8 @@ class DoorLock:
         stale = self.db.reembed(self.recognizer)
         if stale:
             event("reembedded", embeddings=stale, model_sha256=self.recognizer.model_sha256)
-        self.gallery = self.db.gallery(self.recognizer.model_sha256)
+        entries = self.db.entries(self.recognizer.model_sha256)
+        self.gallery = self.recognizer.gallery(entries, self.config.decision.threshold)
         self._db_version = self.db.version()
         if not len(self.gallery):
             event("gallery_empty", logging.WARNING, hint="enroll people with `doorlock enroll NAME PHOTOS…`")
@@ -124,13 +125,14 @@ class DoorLock:
             self.relay.unlock()
         row = self.audit.record(decision, frame)
         event("decision", action=decision.action, person=decision.person, distance=round(decision.distance, 4),
-              threshold=round(self.threshold, 4), frames=decision.frames, motion=round(decision.motion, 2),
+              score=None if decision.score is None else round(decision.score, 3), threshold=round(self.threshold, 4), frames=decision.frames, motion=round(decision.motion, 2),
               reason=decision.reason, snapshot=row.snapshot)
         return decision
 
     def run(self) -> None:
         event("started", source=self.source.name, model_sha256=self.recognizer.model_sha256[:12],
-              threshold=round(self.threshold, 4), votes=f"{self.config.decision.votes_needed}/{self.config.decision.window}")
+              threshold=self.recognizer.describe_threshold(self.config.decision.threshold),
+              votes=f"{self.config.decision.votes_needed}/{self.config.decision.window}")
         checked = self.clock()
         while not self.stop.is_set():
             if self.clock() - checked > GALLERY_CHECK_S:
