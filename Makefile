@@ -35,7 +35,7 @@ quantize-digits: env
 	$(PY) -m converter digits --data-dir $(DATA_DIR) --model $(BUILD)/digits-seed/model.keras --out models/digits-seed
 
 quantize-meter: env
-	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter --with-validation
+	$(PY) -m training meter --data-dir $(DATA_DIR) --out $(BUILD)/meter --with-validation --members 2
 	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
 
 # Face embedder distilled from dlib's ResNet. The teacher (host extra `teacher`: dlib compiles from source,

@@ -82,3 +82,29 @@ def test_converter_refuses_a_model_trained_with_other_preprocessing(trained: Pat
                      "--out", str(tmp_path / "never"))
     assert result.returncode == 2 and "trained with preprocessing" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_members_train_one_model_that_averages_seeded_members(trained: Path, tmp_path: Path, data_dir: Path) -> None:
+    """`--members 2`: one Keras model (one input, one output) whose output is the mean of its two members'
+    softmax outputs; member 1 is exactly the single run with the same --seed (the fixture), member 2 another seed."""
+    import keras
+
+    out = tmp_path / "ensemble"
+    result = run_cli("-m", "training", "meter", "--data-dir", str(data_dir), "--out", str(out),
+                     "--epochs", "2", "--subset", "1500", "--members", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "member 1/2 (seed 1)" in result.stdout and "member 2/2 (seed 2)" in result.stdout
+    info = json.loads((out / "train_info.json").read_text())
+    single = json.loads(trained.with_name("train_info.json").read_text())
+    assert info["members"] == 2 and info["seeds"] == [1, 2] and info["train_images"] == 1500
+    assert info["macs"] == 2 * single["macs"] and info["parameters"] == 2 * single["parameters"]
+    assert "members" not in single  # --members 1 (the default) writes what it always wrote
+
+    model = keras.saving.load_model(out / "model.keras")
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert len(model.inputs) == len(model.outputs) == 1 and len(members) == 2
+    x = np.random.default_rng(0).uniform(0, 1, (32, 32, 20, 3)).astype(np.float32)
+    outputs = [member.predict(x, verbose=0) for member in members]
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(outputs, axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(outputs[0], keras.saving.load_model(trained).predict(x, verbose=0), rtol=0, atol=1e-6)
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # two seeds, two different models

@@ -64,13 +64,16 @@ def test_int8_stays_within_the_gate_of_float(measured: dict) -> None:
     assert measured["float"]["rolling_within_0.2"] - measured["int8"]["rolling_within_0.2"] <= 0.005
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4's aims are not reached yet on the test meters (int8 98.60% whole, "
-                   "97.74% rolling ±0.2; models/meter-digits/report.md): 8 whole-digit misses (lcd/lcd_pb 3, "
-                   "watermeter/pp 4, abl 1), watermeter/pp's red-on-dark-red wheels 86.8% within ±0.2; strict, so "
-                   "reaching them fails this marker and it must be removed")
-def test_int8_reaches_the_aims_on_unseen_meters(measured: dict) -> None:
-    assert measured["int8"]["whole_digit_accuracy"] >= AIMS["whole_digit_accuracy"]
+def test_int8_reaches_the_rolling_aim_on_unseen_meters(measured: dict) -> None:
+    """Met since the shipped model became a 2-seed ensemble (97.74% -> 98.19% within ±0.2)."""
     assert measured["int8"]["rolling_within_0.2"] >= AIMS["rolling_within_0.2"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4's whole-digit aim is not reached yet on the test meters (int8 98.60%, "
+                   "8 misses: lcd/lcd_pb 4, watermeter/pp 4; models/meter-digits/report.md); strict, so reaching it "
+                   "fails this marker and it must be removed")
+def test_int8_reaches_the_whole_digit_aim_on_unseen_meters(measured: dict) -> None:
+    assert measured["int8"]["whole_digit_accuracy"] >= AIMS["whole_digit_accuracy"]
 
 
 def test_blank_lcd_positions_read_as_leading_zeros(measured: dict) -> None:

@@ -30,7 +30,7 @@ def _meter(args: argparse.Namespace) -> int:
     from training.meter import train
 
     path = train(out=args.out, epochs=args.epochs, batch=args.batch, width=args.width, data_dir=args.data_dir,
-                 subset=args.subset, seed=args.seed, with_validation=args.with_validation)
+                 subset=args.subset, seed=args.seed, with_validation=args.with_validation, members=args.members)
     print(f"saved {path}")
     return 0
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="filters of the first conv block; later blocks use 2x and 4x (default: %(default)s)")
     p.add_argument("--subset", type=int, default=None, help="train on N random training crops only (smoke runs)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    p.add_argument("--members", type=int, default=1,
+                   help="train N models with seeds --seed, --seed+1, ... and save one model whose output is the "
+                        "mean of their softmax outputs (a seed ensemble; N times the compute; default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"data directory holding meter-digits/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
     p.add_argument("--out", type=Path, default=Path("build/meter"), help="output folder (default: %(default)s)")
