@@ -299,8 +299,9 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
         "best_accuracy (accuracy-maximising distance on the pairs): "
         + "; ".join(f"{v} {c['best_accuracy']['threshold']:.4f} ({100 * c['best_accuracy']['accuracy_on_pairs']:.2f}%)"
                     for v, c in calibration.items())
-        + ". The door lock uses far_0.001pct by default: a stranger is compared with every enrolled embedding, "
-        "so the per-attempt rate is up to (gallery size) x the per-pair rate.",
+        + ". A stranger at a door is compared with every enrolled embedding, so the per-attempt rate is up to "
+        "(gallery size) x the per-pair rate; the door lock therefore uses far_0.001pct, on the normalised score "
+        "below.",
         "",
         "## Cohort-normalised score (what the door lock matches with; accept when score >= threshold)",
         "",

@@ -154,6 +154,10 @@ class Cohort:
     vectors: np.ndarray  # (N, D) float32 unit embeddings
     top_k: int
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= len(self.vectors):
+            raise ValueError(f"cohort top_k {self.top_k} must be between 1 and the cohort size {len(self.vectors)}")
+
     def stats(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of each embedding's top-k cosine similarities to the cohort."""
         sims = np.atleast_2d(np.asarray(embeddings, np.float32)) @ self.vectors.T
@@ -212,8 +216,12 @@ class FaceEmbedder:
         cohort, score_thresholds = None, {}
         normalisation = bundle.model_info(variant).get("score_normalisation")
         if normalisation:  # the file was sha256-checked with the rest of the bundle
-            cohort = Cohort.load(bundle.root / normalisation["cohort"], int(normalisation["top_k"]))
-            score_thresholds = {k: float(v) for k, v in normalisation["thresholds"].items()}
+            try:
+                cohort = Cohort.load(bundle.root / normalisation["cohort"], int(normalisation["top_k"]))
+                score_thresholds = {k: float(v) for k, v in normalisation["thresholds"].items()}
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                raise BundleError(f"bundle {bundle.root}: unusable score_normalisation for the '{variant}' model "
+                                  f"({type(exc).__name__}: {exc})") from exc
         return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant,
                    cohort, score_thresholds)
 

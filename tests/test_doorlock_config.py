@@ -70,6 +70,17 @@ def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path
     assert result.returncode == 0, result.stderr
     assert "ok: int8 face model" in result.stdout and "far_0.001pct = normalised score >= " in result.stdout
 
+    # A number is a raw distance: one looser than the model's best_accuracy distance (e.g. a normalised
+    # score copied from the line above) is refused, a strict one turns normalisation off.
+    loose = tmp_path / "loose.toml"
+    loose.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 1.65\n")
+    refused = run_cli("-m", "device.doorlock", "--config", str(loose), "check-config")
+    assert refused.returncode == 2 and "is a raw distance" in refused.stderr and "Traceback" not in refused.stderr
+    strict = tmp_path / "strict.toml"
+    strict.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 0.5\n")
+    accepted = run_cli("-m", "device.doorlock", "--config", str(strict), "check-config")
+    assert accepted.returncode == 0 and "match threshold 0.5 = distance <= 0.5000" in accepted.stdout
+
     broken = tmp_path / "face"
     shutil.copytree(models_dir / "face", broken)
     model = broken / "model_int8.tflite"

@@ -7,6 +7,7 @@ test_doorlock_e2e.py); face crops for the liveness measure are real LFW crops.
 from __future__ import annotations
 
 import io
+import sqlite3
 from pathlib import Path
 
 import cv2
@@ -149,4 +150,23 @@ def test_audit_log_records_decisions_and_caps_snapshots(tmp_path: Path, crops) -
     kept = sorted((tmp_path / "refused").glob("*.jpg"))
     assert len(kept) == 3 and str(kept[-1]) == rows[0].snapshot
     assert cv2.imread(rows[0].snapshot).shape == frame.shape
+    log.close()
+
+
+def test_audit_log_keeps_the_deciding_score_and_upgrades_an_old_table(tmp_path: Path) -> None:
+    """A log written before scores were recorded gains the column and keeps its rows."""
+    database = tmp_path / "old.db"
+    old = sqlite3.connect(str(database))
+    old.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, person TEXT, "
+                "distance REAL, frames INTEGER NOT NULL, motion REAL, action TEXT NOT NULL, reason TEXT NOT NULL, "
+                "snapshot TEXT)")
+    old.execute("INSERT INTO audit (time, person, distance, frames, motion, action, reason) "
+                "VALUES (1.0, 'ann', 0.4, 5, 3.0, 'unlock', 'old row')")
+    old.commit()
+    old.close()
+    log = AuditLog(database)
+    log.record(Decision("unlock", "ann", 0.93, 5, 3.0, "3 of 5 frames matched", score=5.2), when=2.0)
+    new, previous = log.recent(2)
+    assert (new.score, new.distance) == (pytest.approx(5.2), pytest.approx(0.93))
+    assert previous.reason == "old row" and previous.score is None
     log.close()

@@ -9,6 +9,7 @@ gate and the threshold calibration are the real ones, on every evaluation pair o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ def test_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> N
     assert thresholds["far_0.001pct"] <= thresholds["far_0.1pct"]
     assert manifest["preprocessing"]["size"] == [64, 64]  # the size trained at, not the default
     embedder = FaceEmbedder.from_bundle(written)
+    # The cohort for score normalisation: one face per training person of the full split, as shipped.
+    assert embedder.cohort is not None and embedder.cohort.top_k == 50 and len(embedder.cohort.vectors) > 3000
+    assert embedder.score_threshold("far_0.001pct") >= embedder.score_threshold("far_0.1pct")
     v = embedder.embed(np.full((128, 128), 120, np.uint8))
     assert v.shape == (128,) and abs(float(np.linalg.norm(v)) - 1.0) < 0.05
 
@@ -69,6 +73,15 @@ def test_fine_tuning_starts_from_a_finished_run(trained: Path, tmp_path: Path, d
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads((tmp_path / "ft" / "train_info.json").read_text())
     assert info["initialised_from"] == str(trained) and info["epochs_run"] == 1
+    # The starting weights compete as epoch 0, so a fine-tune never ends worse than where it began.
+    start = re.search(r"epoch 0 \(--init weights\): val_balanced_accuracy ([0-9.]+)", result.stdout)
+    assert start, result.stdout[-2000:]
+    epoch1 = json.loads((tmp_path / "ft" / "history.json").read_text())["val_balanced_accuracy"][0]
+    kept, begun = info["validation"]["val_balanced_accuracy"], float(start.group(1))  # printed to 4 decimals
+    if info["best_epoch"] == 1:
+        assert kept == epoch1 and epoch1 >= begun - 5e-5
+    else:
+        assert info["best_epoch"] == 0 and abs(kept - begun) < 5e-5 and epoch1 <= begun + 5e-5
     wrong = run_cli(*common, "--arch", "seed", "--out", str(tmp_path / "wrong"))
     assert wrong.returncode == 2 and "do not fit the 'seed' architecture" in wrong.stderr
     assert "Traceback" not in wrong.stderr

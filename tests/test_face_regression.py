@@ -7,12 +7,14 @@ The teacher test needs dlib (host extra `teacher`) and is skipped without it.
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 
-from device.bundle import Bundle, BundleError
+from device.bundle import Bundle, BundleError, write_manifest
 from device.face import FaceEmbedder
 from training.datasets.lfw import find_faces_dir, find_pairs_file, list_people, make_split, read_pairs
 from training.face.data import pair_images
@@ -97,6 +99,27 @@ def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle,
     assert details["pairs_report"]["auc"] > bundle.manifest["metrics"]["int8"]["auc"]
     with pytest.raises(BundleError, match="available"):
         embedder.score_threshold("no-such-threshold")
+
+
+def test_a_bundle_without_a_cohort_matches_on_distance(bundle, tmp_path):
+    """Bundles made before score normalisation (or by other tools) still load; the lock then uses distances."""
+    from device.detect import FaceDetector
+    from device.doorlock.pipeline import Recognizer
+
+    copy = tmp_path / "face"
+    shutil.copytree(bundle.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for info in manifest["models"].values():
+        (copy / info.pop("score_normalisation")["cohort"]).unlink()
+    write_manifest(copy, manifest)
+    embedder = FaceEmbedder.from_bundle(copy)
+    assert embedder.cohort is None
+    with pytest.raises(BundleError, match="no cohort"):
+        embedder.score_threshold()
+    recognizer = Recognizer(FaceDetector(), embedder, min_blur=0)
+    assert not recognizer.normalises("far_0.001pct") and recognizer.gallery([], "far_0.001pct").cohort is None
+    assert recognizer.threshold("far_0.001pct") == embedder.threshold("far_0.001pct")
+    assert recognizer.describe_threshold("far_0.001pct").startswith("far_0.001pct = distance <= ")
 
 
 def test_embedder_api_on_a_real_pair(bundle, eval_set, embeddings):

@@ -127,7 +127,7 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
         "face-pack",
         help="write a face training pack: train elsewhere (GPU machine) without LFW or dlib",
         description="Write one .npz holding the LFW training images (their file bytes), the teacher's embedding of "
-        "every augmented version (int8), and the validation pairs with their images. `training face --pack FILE` "
+        "every augmented version (int8), and the validation images and pairs. `training face --pack FILE` "
         "trains from it on any machine with Keras (TensorFlow, JAX or PyTorch backend). Teacher embeddings missing "
         "from --teacher-cache are computed here (needs dlib: pip install .[teacher]).",
     )

@@ -1,8 +1,9 @@
 """Audit trail: every decision the lock takes, in SQLite, with optional JPEG snapshots of refusals.
 
 A door lock has to be able to answer "who came in when, and who was turned away": each row
-holds the time, the person (or none), the best distance, how many frames were used, the action
-and the reason. Snapshots of refused attempts are capped at `keep` files (oldest deleted first) so a
+holds the time, the person (or none), the best raw distance and, when the lock matched on the
+cohort-normalised score, the best score (the number the threshold applied to), how many frames were used,
+the action and the reason. Snapshots of refused attempts are capped at `keep` files (oldest deleted first) so a
 busy street in front of the camera cannot fill the SD card.
 """
 
@@ -28,7 +29,8 @@ CREATE TABLE IF NOT EXISTS audit (
     motion REAL,
     action TEXT NOT NULL,
     reason TEXT NOT NULL,
-    snapshot TEXT
+    snapshot TEXT,
+    score REAL
 )
 """
 
@@ -43,6 +45,7 @@ class AuditRow:
     action: str
     reason: str
     snapshot: str | None
+    score: float | None = None  # normalised score, when the decision was taken on it
 
 
 class AuditLog:
@@ -51,6 +54,9 @@ class AuditLog:
     def __init__(self, database: str | Path, snapshots: str | Path | None = None, keep: int = 200):
         self._db = sqlite3.connect(str(database), check_same_thread=False)
         self._db.execute(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
+        if "score" not in columns:  # a log written before scores were recorded keeps its rows
+            self._db.execute("ALTER TABLE audit ADD COLUMN score REAL")
         self._db.commit()
         self.snapshots = Path(snapshots) if snapshots else None
         self.keep = keep
@@ -65,18 +71,19 @@ class AuditLog:
             snapshot = self._snapshot(frame, when)
         distance = decision.distance if np.isfinite(decision.distance) else None
         row = AuditRow(when, decision.person, distance, decision.frames, decision.motion,
-                       decision.action, decision.reason, snapshot)
+                       decision.action, decision.reason, snapshot, decision.score)
         self._db.execute(
-            "INSERT INTO audit (time, person, distance, frames, motion, action, reason, snapshot) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.time, row.person, row.distance, row.frames, row.motion, row.action, row.reason, row.snapshot))
+            "INSERT INTO audit (time, person, distance, frames, motion, action, reason, snapshot, score) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.time, row.person, row.distance, row.frames, row.motion, row.action, row.reason, row.snapshot,
+             row.score))
         self._db.commit()
         return row
 
     def recent(self, limit: int = 50) -> list[AuditRow]:
         """The latest decisions, newest first."""
         cursor = self._db.execute(
-            "SELECT time, person, distance, frames, motion, action, reason, snapshot FROM audit "
+            "SELECT time, person, distance, frames, motion, action, reason, snapshot, score FROM audit "
             "ORDER BY id DESC LIMIT ?", (limit,))
         return [AuditRow(*r) for r in cursor.fetchall()]
 

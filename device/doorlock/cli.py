@@ -49,8 +49,8 @@ def _enroll_camera(db: FaceDB, recognizer: Recognizer, args: argparse.Namespace,
     """Take `--count` good face photos from a camera, `--interval` seconds apart so they differ a little."""
     spec = args.camera or config.camera.source
     added, last, deadline = 0, 0.0, time.monotonic() + args.timeout
-    # Every photo must show the same person as the first (by the lock's own matching rule at its loosest
-    # calibrated threshold): someone walking behind must not be enrolled too.
+    # Every photo must show the same person as the first (judged by the bundle's best_accuracy threshold, on
+    # the normalised score when the bundle has a cohort): someone walking behind must not be enrolled too.
     first, same_person = None, recognizer.threshold("best_accuracy")
     with open_source(spec, size=(config.camera.width, config.camera.height)) as source:
         print(f"look at the camera ({spec}); taking {args.count} photos …", flush=True)
@@ -134,7 +134,9 @@ def _audit(args: argparse.Namespace, config: Config) -> int:
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
             dist = f"{r.distance:.3f}" if r.distance is not None else "-"
-            print(f"{when}  {r.action:8s} {r.person or 'unknown':20s} distance {dist}  frames {r.frames}  {r.reason}")
+            score = f"  score {r.score:.2f}" if r.score is not None else ""
+            print(f"{when}  {r.action:8s} {r.person or 'unknown':20s} distance {dist}{score}  frames {r.frames}  "
+                  f"{r.reason}")
     return 0
 
 
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorlock",
         description="Face-recognition door lock: enroll people, then `doorlock run` unlocks a relay when an "
-        "enrolled face is seen in several frames within the model's calibrated threshold.",
+        "enrolled face matches in several frames at the model's calibrated threshold.",
     )
     parser.add_argument("--config", type=Path, default=os.environ.get("DOORLOCK_CONFIG") or None,
                         help="TOML config file (default: $DOORLOCK_CONFIG, else built-in defaults; "

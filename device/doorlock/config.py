@@ -48,7 +48,8 @@ class DetectorConfig:
 
 @dataclass
 class DecisionConfig:
-    # A bundle threshold name, or a distance. far_0.001pct per PAIR because a stranger is compared with every
+    # A bundle threshold name (matched on the cohort-normalised score when the bundle has a cohort), or a raw
+    # distance (a number turns normalisation off). far_0.001pct per PAIR because a stranger is compared with every
     # enrolled embedding: with ~100 of them that is about 0.1% per attempt (far_0.1pct would be ~10%).
     threshold: str | float = "far_0.001pct"
     votes_needed: int = 3

@@ -3,9 +3,10 @@
 The rules that matter for safety, and why:
 
 - A face matches a person only when its score against one of that person's enrolled embeddings passes
-  the threshold calibrated on the deployed model (the cohort-normalised score where the bundle carries a
-  cohort, else the distance). An unknown face is refused; there is no "nearest enrolled person wins",
-  the classic way such locks admit strangers.
+  the threshold calibrated on the deployed model: the cohort-normalised score when the config names a
+  bundle threshold and the bundle carries a cohort, else the raw distance (a number in the config is
+  always a distance). An unknown face is refused; there is no "nearest enrolled person wins", the
+  classic way such locks admit strangers.
 - One frame never unlocks: the same person must be matched in `votes_needed` of the last `window`
   frames with a face, which turns a rare per-frame false match into a much rarer unlock.
 - After `max_attempts` refusals within `attempt_window_s` the lock ignores everyone for
@@ -28,7 +29,7 @@ from device.face import Cohort
 
 @dataclass(frozen=True)
 class Match:
-    """Best match of one face against the gallery: `person` is None unless within the threshold.
+    """Best match of one face against the gallery: `person` is None unless it passes the threshold.
 
     `distance` is the raw distance to the best enrolled embedding (what the audit log shows); `score` is
     the cohort-normalised score that decided, when the gallery normalises (None otherwise).
@@ -61,6 +62,8 @@ class Gallery:
 
     def best(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """For each row of `embeddings`: index of the best enrolled vector, its distance, and its score."""
+        if not self.names:
+            raise ValueError("the gallery is empty: nobody is enrolled for this model")
         sims = np.atleast_2d(np.asarray(embeddings, np.float32)) @ self.vectors.T
         scores = self.cohort.scores(embeddings, self.vectors, self._stats) if self.cohort is not None else None
         best = np.argmax(scores if scores is not None else sims, axis=1)
@@ -168,7 +171,10 @@ class Decider:
             return Decision("unlock", person, distance, len(votes), moved,
                             f"{len(used)} of {len(votes)} frames matched", score)
         else:
-            nearest = min(votes, key=lambda v: v.match.distance).match.nearest
+            # The closest enrolled person by the rule that decided: best score if scored, else smallest distance.
+            closest = (max(votes, key=lambda v: v.match.score) if votes[0].match.score is not None
+                       else min(votes, key=lambda v: v.match.distance))
+            nearest = closest.match.nearest
             matched = sum(v.match.person is not None for v in votes)
             decision = Decision("deny", None, distance, len(votes), moved,
                                 f"no enrolled person matched in {self.decision.votes_needed} of {len(votes)} "

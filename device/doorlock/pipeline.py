@@ -13,7 +13,7 @@ import numpy as np
 
 from device.bundle import sha256_file
 from device.detect import Face, FaceDetector, blur_score
-from device.doorlock.config import Config
+from device.doorlock.config import Config, ConfigError
 from device.doorlock.decide import Gallery, Match
 from device.face import FaceEmbedder, crop_face
 
@@ -54,10 +54,19 @@ class Recognizer:
         return isinstance(setting, str) and self.embedder.cohort is not None
 
     def threshold(self, setting: str | float) -> float:
-        """A config threshold (a bundle threshold name or a distance) for this model, in the gallery's units."""
-        if not isinstance(setting, str):
-            return float(setting)
-        return self.embedder.score_threshold(setting) if self.normalises(setting) else self.embedder.threshold(setting)
+        """A config threshold (a bundle threshold name or a distance) for this model, in the gallery's units.
+
+        A number is a raw distance; one looser than the model's own `best_accuracy` distance would let most
+        strangers in (a normalised score copied from `check-config` looks like one), so it is refused.
+        """
+        if isinstance(setting, str):
+            return self.embedder.score_threshold(setting) if self.normalises(setting) else self.embedder.threshold(setting)
+        loosest = self.embedder.threshold("best_accuracy")
+        if float(setting) > loosest:
+            raise ConfigError(f"[decision] threshold {setting} is a raw distance (a number always is) looser than "
+                              f"this model's best_accuracy distance {loosest:.3f}: strangers would be let in. Use a "
+                              f"bundle threshold name such as \"far_0.001pct\", or a distance below {loosest:.3f}")
+        return float(setting)
 
     def gallery(self, entries: list[tuple[str, np.ndarray]], setting: str | float) -> Gallery:
         """Enrolled embeddings as a matcher whose units agree with `threshold(setting)`."""

@@ -125,7 +125,8 @@ class DoorLock:
             self.relay.unlock()
         row = self.audit.record(decision, frame)
         event("decision", action=decision.action, person=decision.person, distance=round(decision.distance, 4),
-              score=None if decision.score is None else round(decision.score, 3), threshold=round(self.threshold, 4), frames=decision.frames, motion=round(decision.motion, 2),
+              score=None if decision.score is None else round(decision.score, 3),
+              threshold=self.recognizer.describe_threshold(self.config.decision.threshold), frames=decision.frames, motion=round(decision.motion, 2),
               reason=decision.reason, snapshot=row.snapshot)
         return decision
 

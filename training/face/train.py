@@ -211,7 +211,8 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
           evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1,
           init: Path | None = None, pack: Path | None = None, width: int | None = None,
           input_size: int | None = None) -> Path:
-    """Train one recipe; keep the weights of the epoch with the best validation accuracy; save the run.
+    """Train one recipe; keep the weights of the epoch with the best balanced accuracy over all validation
+    pairs (with `init`, the starting weights compete as epoch 0); save the run.
 
     `subset_people` trains on the first N training identities only (smoke runs in tests); `init` starts
     from the weights of an earlier run's model.keras (fine-tuning with more teacher versions). `teacher_workers`
@@ -277,6 +278,10 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
           f"up to {epochs} epochs", flush=True)
     history: dict[str, list[float]] = {}
     best: dict[str, Any] = {"score": -1.0, "epoch": 0, "weights": model.get_weights(), "validation": {}}
+    if init:  # a fine-tune must not end worse than the model it started from
+        start = validate(model, validation, val_x, spec)
+        best.update(score=start[SELECT_BY], validation=start)
+        print("epoch 0 (--init weights): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
     started = time.time()
     for epoch in range(1, epochs + 1):
         logs = trainer.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if sys.stdout.isatty() else 0)
