@@ -298,6 +298,8 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
         elif epoch - best["epoch"] >= patience:
             print(f"early stop: {SELECT_BY} has not improved for {patience} epochs", flush=True)
             break
+    if not best["validation"]:  # every epoch scored NaN: nothing worth saving, and no number to report
+        raise ValueError(f"training diverged: no epoch gave a finite {SELECT_BY}; try a lower --lr")
     model.set_weights(best["weights"])
     seconds = time.time() - started
     info: dict[str, Any] = {
