@@ -49,10 +49,10 @@ FACE_SPEC: dict[str, Any] = {
 }
 
 
-
 def face_spec(side: int) -> dict[str, Any]:
     """FACE_SPEC for a model whose input is `side` pixels square (the bundle records the one it was built with)."""
     return {**FACE_SPEC, "size": [int(side), int(side)]}
+
 
 def crop_face(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """A BGR or grey frame plus a detector box (x, y, w, h) → 128x128 grey uint8 crop framed like our LFW crops.
