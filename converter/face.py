@@ -22,7 +22,7 @@ from converter.tflite import to_float
 from device.bundle import sha256_file
 from device.face import Cohort, embeddings, face_spec
 from training.datasets.lfw import find_pairs_file, load_faces
-from training.face.data import pair_images, student_inputs
+from training.face.data import pair_images, person_of, student_inputs
 from training.face.metrics import best_threshold, pair_distances, threshold_at_far, verification_report
 from training.face.train import embed_keras, load_lfw
 from training.teacher import (TeacherCache, default_workers, load_teacher, teacher_available, teacher_embeddings,
@@ -61,7 +61,7 @@ class PairSet:
         self.keys = keys
         self.same = np.array([p.same for p in pairs])
         self.folds = np.array([p.fold for p in pairs])
-        self.identities = np.array([k.rsplit("_", 1)[0] for k in keys])
+        self.identities = np.array([person_of(k) for k in keys])
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         return pair_distances(dict(zip(self.keys, embeddings)), [p.keys() for p in self.pairs])
@@ -205,7 +205,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
         "task": "face-embedding",
         "name": "face",
         "description": "128-D unit face embedding of a 128x128 grey face crop (device.face.crop_face of a Haar box); "
-                       "same person when the Euclidean distance is <= a threshold",
+                       "same person when the Euclidean distance is <= a threshold, or when the score normalised "
+                       "against the bundled cohort (device.face.Cohort) is >= its threshold",
         "models": pair.models,
         "default_model": "int8",
         "preprocessing": spec,

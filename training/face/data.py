@@ -77,7 +77,7 @@ def versioned(originals: np.ndarray, labels: np.ndarray, keys: list[str], versio
 def pair_images(pairs: list, people: dict) -> tuple[list[str], np.ndarray]:
     """The distinct images named by `pairs`: their keys and 128x128 crops."""
     keys = sorted({k for p in pairs for k in p.keys()})
-    paths = [people[k.rsplit("_", 1)[0]][k] for k in keys]
+    paths = [people[person_of(k)][k] for k in keys]
     return keys, load_faces(paths)
 
 
@@ -90,8 +90,8 @@ def person_of(key: str) -> str:
 class ValidationSet:
     """Validation people's images with identity labels, and the validation fold's pairs among them.
 
-    Model selection scores every pair of these images (~0.5 M, ~2,000 genuine) rather than only the
-    fold's 554 pairs.txt pairs, on which two models within ~1 pp of each other swap places by chance.
+    Model selection scores every pair of these images (LFW fold 7: 1,101 images, 605,550 pairs, 2,799 genuine)
+    rather than only the fold's 554 pairs.txt pairs, on which models within ~1 pp swap places by chance.
     """
 
     keys: list[str]
