@@ -335,6 +335,21 @@ def test_enroll_from_camera(tmp_path: Path, data_dir: Path) -> None:
     assert short.returncode == 2 and "ended after 3 usable photo(s)" in short.stderr
 
 
+def test_enroll_from_camera_skips_someone_else_walking_by(tmp_path: Path, data_dir: Path) -> None:
+    """A stranger's face between the resident's frames is not enrolled under the resident's name."""
+    video = tmp_path / "door.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for path in scenes(data_dir, ["obama.jpg", "alex-lacamoire.png", "obama2.jpg", "obama-480p.jpg"]):
+        writer.write(letterbox(cv2.imread(str(path))))
+    writer.release()
+    config = tmp_path / "lock.toml"
+    config.write_text(f'[model]\nbundle = "{BUNDLE}"\n[storage]\ndatabase = "lock.db"\n')
+    result = run_cli("-m", "device.doorlock", "enroll", "Barack Obama", "--camera", str(video), "--count", "3",
+                     "--interval", "0", env={"DOORLOCK_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipped a frame: a different face") == 1 and "3 face(s) enrolled" in result.stdout
+
+
 def test_service_stops_cleanly_on_sigterm_with_the_relay_locked(tmp_path: Path, data_dir: Path) -> None:
     """`doorlock run` on a replayed folder of strangers: SIGTERM ends it with exit 0, logged, relay locked.
 
