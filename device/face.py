@@ -169,9 +169,14 @@ class Cohort:
         """Normalised scores (n_probes, n_enrolled); pass `enrolled_stats` to reuse them across calls."""
         probes = np.atleast_2d(np.asarray(probes, np.float32))
         enrolled = np.atleast_2d(np.asarray(enrolled, np.float32))
-        mu_p, sd_p = self.stats(probes)
-        mu_e, sd_e = enrolled_stats if enrolled_stats is not None else self.stats(enrolled)
-        sims = probes @ enrolled.T
+        return self.normalise(probes @ enrolled.T, self.stats(probes),
+                              enrolled_stats if enrolled_stats is not None else self.stats(enrolled))
+
+    @staticmethod
+    def normalise(sims: np.ndarray, probe_stats: tuple[np.ndarray, np.ndarray],
+                  enrolled_stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Cosine similarities (n_probes, n_enrolled) → normalised scores, given both sides' `stats`."""
+        (mu_p, sd_p), (mu_e, sd_e) = probe_stats, enrolled_stats
         return ((sims - mu_p[:, None]) / sd_p[:, None] + (sims - mu_e[None, :]) / sd_e[None, :]) / 2
 
     @classmethod
