@@ -66,7 +66,9 @@ class Gallery:
             raise ValueError("the gallery is empty: nobody is enrolled for this model")
         probes = np.atleast_2d(np.asarray(embeddings, np.float32))
         sims = probes @ self.vectors.T  # one product per frame, shared by the distance and the score
-        scores = self.cohort.normalise(sims, self.cohort.stats(probes), self._stats) if self.cohort is not None else None
+        scores = None
+        if self.cohort is not None:
+            scores = self.cohort.normalise(sims, self.cohort.stats(probes), self._stats)
         best = np.argmax(scores if scores is not None else sims, axis=1)
         rows = np.arange(len(best))
         # Unit vectors: |a - b|^2 = 2 - 2 a.b, so one dot product per enrolled vector.
