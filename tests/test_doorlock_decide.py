@@ -17,6 +17,7 @@ import pytest
 from device.doorlock.audit import AuditLog
 from device.doorlock.config import DecisionConfig, LivenessConfig
 from device.doorlock.decide import Decider, Decision, Gallery, Match, motion
+from device.doorlock.evaluate import Embedded, door_test, threshold_for_far
 from device.face import Cohort
 
 
@@ -72,6 +73,24 @@ def test_gallery_refuses_unknown_faces_instead_of_nearest_match() -> None:
     assert stranger.person is None and stranger.nearest in ("ann", "bob") and stranger.distance > 0.3
     assert np.isclose(stranger.distance, min(np.linalg.norm(unit([0.3, 0.3, 0.9]) - v) for v in gallery.vectors))
     assert Gallery([]).match(unit([1, 0, 0]), 1.0).person is None
+
+
+def test_per_attempt_threshold_refuses_strangers_that_tie_at_the_quota() -> None:
+    """threshold_for_far on a hand example: ann enrolled at (1, 0); four stranger photos, two of them the same
+    face. A 25% quota admits one attempt; the 2nd and 3rd closest tie, so the line must fall below both, with a
+    margin, and only the closest stranger gets in."""
+    ann = unit([1, 0])
+    strangers = np.stack([unit([0.9, 0.1]), unit([0.6, 0.4]), unit([0.6, 0.4]), unit([0.1, 0.9])])
+    data = Embedded([{"ann": (ann[None], ann[None])}], [strangers])
+    distances = np.linalg.norm(strangers - ann, axis=1)
+    limit = threshold_for_far(data, 0.25)
+    assert distances[0] < limit < distances[1] and distances[1] - limit > 1e-4
+    assert door_test(data, limit).stranger_accepted == 1
+    # A 50% quota has room for two, but the tie enters only as a whole: still one, still with a margin.
+    half = threshold_for_far(data, 0.5)
+    assert distances[1] - half > 1e-4 and door_test(data, half).stranger_accepted == 1
+    assert door_test(data, threshold_for_far(data, 0.75)).stranger_accepted == 3
+    assert door_test(data, threshold_for_far(data, 0.0)).stranger_accepted == 0
 
 
 def decider(**changes) -> Decider:

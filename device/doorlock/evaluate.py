@@ -123,7 +123,11 @@ def threshold_for_far(data: Embedded, far: float, cohort: Cohort | None = None) 
     allowed = int(far * len(ordered))
     if allowed >= len(ordered):
         limit = ordered[-1]
-    else:  # halfway to the first refused attempt, so float rounding of a single-frame match cannot cross it
-        lower = ordered[allowed - 1] if allowed > 0 else ordered[0] - 1e-3
-        limit = (lower + ordered[allowed]) / 2 if lower < ordered[allowed] else np.nextafter(lower, -np.inf)
+    else:
+        # Halfway between the first refused attempt and the closest value below it, so float rounding of a
+        # single-frame match cannot cross the line. Attempts that tie with the first refused one are refused
+        # too (the line goes below all of them): the FAR may come out under `far`, never over it.
+        first_refused = int(np.searchsorted(ordered, ordered[allowed], side="left"))
+        lower = ordered[first_refused - 1] if first_refused > 0 else ordered[0] - 1e-3
+        limit = (lower + ordered[allowed]) / 2
     return float(limit) if cohort is None else float(-limit)
