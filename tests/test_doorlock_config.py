@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,35 @@ def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path
     bad.write_text(f"[model]\nbundle = '{broken}'\n")
     result = run_cli("-m", "device.doorlock", "--config", str(bad), "check-config")
     assert result.returncode == 2 and "sha256" in result.stderr and "Traceback" not in result.stderr
+
+
+
+UNIT = REPO / "device" / "doorlock" / "doorlock.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: systemd)")
+def test_systemd_unit_is_valid_and_matches_the_install(tmp_path: Path) -> None:
+    """systemd's own checker reads the unit without a complaint (and does flag a mangled copy); the unit runs
+    subcommands the CLI has, from the venv deploy.sh creates, with the config and state paths it installs."""
+    def verify(text: str) -> str:
+        unit = tmp_path / "doorlock.service"
+        unit.write_text(text)
+        done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        return (done.stdout + done.stderr).strip()
+
+    text = UNIT.read_text()
+    assert verify(text) == ""
+    assert "Failed to parse service type" in verify(text.replace("Type=simple", "Type=simpel"))
+
+    settings = [line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")]
+    program, start = next(v for k, v in settings if k == "ExecStart").split()
+    _, stop = next(v for k, v in settings if k == "ExecStopPost").split()
+    assert program == "/opt/doorlock/.venv/bin/doorlock"
+    for command in (start, stop):
+        assert run_cli("-m", "device.doorlock", command, "--help").returncode == 0, command
+    deploy = (REPO / "device" / "doorlock" / "deploy.sh").read_text()
+    assert "python3 -m venv --system-site-packages /opt/doorlock/.venv" in deploy
+    assert ["Environment", "DOORLOCK_CONFIG=/etc/doorlock/doorlock.toml"] in settings
+    assert "/etc/doorlock/doorlock.toml" in deploy and "device/doorlock/doorlock.service" in deploy
+    state = "/var/lib/" + next(v for k, v in settings if k == "StateDirectory")
+    assert str(load_config(EXAMPLE).storage.database.parent) == state
