@@ -231,7 +231,7 @@ class Reconnecting(FrameSource):
 
     def __init__(self, opener: Callable[[], FrameSource], name: str,
                  initial_delay: float = 0.5, max_delay: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, connect: bool = True):
         self.name = name
         self._opener = opener
         self._initial = initial_delay
@@ -240,7 +240,8 @@ class Reconnecting(FrameSource):
         self._delay = 0.0
         self._source: FrameSource | None = None
         self.reconnects = 0
-        self._source = opener()  # fail fast at start-up: a wrong spec should be reported, not retried
+        if connect:  # fail fast at start-up: a wrong spec should be reported, not retried
+            self._source = opener()
 
     def read(self) -> np.ndarray:
         return self._read(latest=False)
@@ -278,12 +279,17 @@ class Reconnecting(FrameSource):
 
 
 def open_source(spec: str, size: tuple[int, int] | None = (640, 480), loop: bool = False,
-                reconnect: bool = True, sleep: Callable[[float], None] = time.sleep) -> FrameSource:
+                reconnect: bool = True, sleep: Callable[[float], None] = time.sleep,
+                wait_for_camera: bool = False) -> FrameSource:
     """Open a frame source from a spec string (see the module docstring for the forms).
 
     `size` is the resolution requested from cameras (files keep theirs); `loop` replays finite
     sources; `reconnect` wraps live cameras in `Reconnecting`, which waits with `sleep` (a service
-    passes its stop event's `wait` so a shutdown is not delayed by a back-off).
+    passes its stop event's `wait` so a shutdown is not delayed by a back-off). A live camera is
+    opened at once (a wrong spec fails here) unless `wait_for_camera`: then its first read opens it,
+    and a camera that is not there yet (a USB camera enumerating late after a power cut, a network
+    camera still booting) raises CameraError from `read` like a lost one, to be retried. Files and
+    folders are always opened at once.
     """
     spec = spec.strip()
     if not spec:
@@ -307,7 +313,7 @@ def open_source(spec: str, size: tuple[int, int] | None = (640, 480), loop: bool
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return ImageSource(path, loop=loop)
         return _VideoFile(path, loop)
-    return Reconnecting(opener, spec, sleep=sleep) if reconnect else opener()
+    return Reconnecting(opener, spec, sleep=sleep, connect=not wait_for_camera) if reconnect else opener()
 
 
 class _VideoFile(FrameSource):

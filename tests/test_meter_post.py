@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from device.meter.config import PostprocessConfig
+from device.meter.config import PostprocessConfig, ReadingConfig
+from device.meter.model import reading
 from device.meter.postprocess import PostProcessor
+from device.meter.reader import assemble
 
 T0 = 1_700_000_000.0
 BASE = PostprocessConfig(allow_negative=False, max_rate=0.1, rate_mode="per_minute", jitter=None,
@@ -72,6 +74,9 @@ CASES = [
         (3, 5.0, "rejected", 10.0), (4, NONE, "no reading", 10.0), (5, 5.001, "recovered", 5.001)]),
     ("report: camera offline overnight, consumption since then is not 'Rate too high'", {}, 0.001, [
         (0, 100.0, "initial", 100.0), (600, 101.5, "ok", 101.5)]),
+    ("report: clock stepped back (NTP after a power cut) -> no absurd 'rate too high'", {}, 0.001, [
+        (0, 100.0, "initial", 100.0), (10, 100.01, "ok", 100.01), (5, 100.02, "ok", 100.02),
+        (6, 100.03, "ok", 100.03)]),
     ("recovery needs N in a row: N=2", {"recovery_readings": 2}, 0.001, [
         (0, 100.0, "initial", 100.0), (1, 90.0, "rejected", 100.0), (2, 90.0, "recovered", 90.0)]),
 ]
@@ -136,3 +141,41 @@ def test_fallback_value_set_at_run_time_unlocks_and_is_used(tmp_path: Path) -> N
     assert PostProcessor(replace(BASE, state_file=tmp_path / "s.json"), 0.001).prevalue[0] == 20.0
     with pytest.raises(ValueError):
         post.set_value(float("nan"))
+
+
+def test_report_meter_stopped_in_a_late_carry_overnight_never_dips(tmp_path: Path) -> None:
+    """Wheels of a counter whose carries start late (the middle wheel waits until the last one is past 9.5),
+    stopped in the carry overnight: read in step, 1|9.0|9.5 is 189 — 10 below the truth, and the same every
+    frame, so recovery used to accept it after 3 readings and publish a dip (Home Assistant's energy
+    dashboard counts a dip as a meter reset). The assembly's late-carry alternative, 199, fits the last good
+    value and is used instead, all night and through the carry."""
+    post = PostProcessor(replace(BASE, state_file=tmp_path / "s.json", max_rate=5.0), 1.0)
+    frames = [(1.0, 9.0, 8.0)] * 2 + [(1.0, 9.0, 9.0)] + [(1.0, 9.0, 9.5)] * 6 + [(1.0, 9.5, 9.9), (2.0, 0.0, 0.2)]
+    outcomes = []
+    for minute, wheels in enumerate(frames):
+        read = assemble([reading(v, 1.0) for v in wheels], ReadingConfig())
+        outcomes.append(post.process(read.value, T0 + 60 * minute, alternatives=[a.value for a in read.alternatives]))
+    assert [o.status for o in outcomes] == ["initial", "ok", "ok"] + ["ok"] * 6 + ["ok", "ok"]
+    assert [o.value for o in outcomes] == [198, 198, 199] + [199] * 6 + [199, 200]
+    overnight = outcomes[3]
+    assert overnight.raw == 199 and "also read 199" in overnight.reason and "189: negative rate" in overnight.reason
+
+
+def test_rate_is_unknown_after_a_recovery_and_storage_errors_do_not_stop_readings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rate against the value a recovery replaced would be nonsense (a meter exchange gave -102.9/min);
+    a state file that cannot be written (full or read-only card) is logged and the readings go on."""
+    post = PostProcessor(replace(BASE, state_file=tmp_path / "s.json"), 0.001)
+    post.process(1234.567, T0)
+    assert post.process(1234.587, T0 + 60).rate == pytest.approx(0.02)
+    outcomes = [post.process(v, T0 + 60 * m) for m, v in ((10, 0.012), (11, 0.013), (12, 0.013))]
+    assert [o.status for o in outcomes] == ["rejected", "rejected", "recovered"] and outcomes[-1].rate is None
+    assert post.process(0.014, T0 + 13 * 60).rate == pytest.approx(0.001)
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    post = PostProcessor(replace(BASE, state_file=blocked / "state.json"), 0.001)
+    with caplog.at_level("ERROR", logger="device.meter"):
+        assert post.process(5.0, T0).status == "initial"
+        assert (post.process(5.01, T0 + 60).status, post.prevalue[0]) == ("ok", 5.01)
+    assert "cannot save the last good value" in caplog.text

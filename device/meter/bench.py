@@ -1,7 +1,7 @@
 """`make bench` part of the meter reader: time per frame, from camera frame to checked value.
 
 What a user's Pi spends per reading: align (template matching of 4 marks), crop 8 wheel ROIs,
-classify them in one batch with the int8 model, assemble and post-process. The frame is composed
+classify them with the int8 model (one batch-1 inference per wheel), assemble and post-process. The frame is composed
 from real crops (device/meter/compose.py), 640x480 like a typical camera setting. Needs the data
 set for the crops ($EDGE_DATA_DIR, else ../shared/data beside the repository); without it the
 section is left out with a note, the rest of the benchmark still runs.
@@ -76,7 +76,7 @@ def bench_reader(models: Path, runs: int = 100, threads: tuple[int, ...] = (1, 2
                              "classify_median_ms": float(np.median(classify)),
                              "refused": sum(reader.read(f).value is None for f in frames)})
     lines = ["", f"Meter reader: time per frame ({layout.size[0]}x{layout.size[1]}, 4 reference marks, "
-             f"{len(LABELS)} wheels): align + crop + one batch of {len(LABELS)} inferences + assembly + "
+             f"{len(LABELS)} wheels): align + crop + {len(LABELS)} inferences + assembly + "
              "post-processing. Frames composed from real crops (device/meter/compose.py).", "",
              "| model | threads | median ms/frame | p90 ms | align+crop ms | classify ms |",
              "|---|---:|---:|---:|---:|---:|"]

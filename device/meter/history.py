@@ -52,13 +52,17 @@ class History:
     def add(self, outcome: Outcome, details: dict[str, Any] | None = None) -> int:
         """Store one outcome (plus e.g. wheel values and alignment quality); old rows beyond keep_days go."""
         with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO readings (time, raw, value, accepted, status, reason, rate, details) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (outcome.timestamp, outcome.raw, outcome.value, int(outcome.accepted), outcome.status,
-                 outcome.reason, outcome.rate, json.dumps(details) if details else None))
-            self._db.execute("DELETE FROM readings WHERE time < ?", (time.time() - self.keep_days * 86400,))
-            self._db.commit()
+            try:
+                cursor = self._db.execute(
+                    "INSERT INTO readings (time, raw, value, accepted, status, reason, rate, details) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (outcome.timestamp, outcome.raw, outcome.value, int(outcome.accepted), outcome.status,
+                     outcome.reason, outcome.rate, json.dumps(details) if details else None))
+                self._db.execute("DELETE FROM readings WHERE time < ?", (time.time() - self.keep_days * 86400,))
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.rollback()  # a locked or full database: leave no half-open transaction behind
+                raise
             return int(cursor.lastrowid)
 
     def recent(self, limit: int = 100, since: float | None = None, accepted_only: bool = False) -> list[dict[str, Any]]:

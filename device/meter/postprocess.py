@@ -23,6 +23,11 @@ Rules, in order, for a reading `raw` at time t with pre-value v at time t0:
 - |raw - v| larger than the jitter and, per minute of t - t0 (or per reading), above `max_rate`:
   rejected ("rate too high");
 - otherwise accepted ("ok"), and the candidates are dropped.
+A reading that fails a check but has alternatives (device.meter.reader.assemble: the same wheels read
+with a late carry, or the last wheel without its nudge) is replaced by the first alternative that
+passes, with a reason saying so: one frame of rolling wheels can mean two readings, and the previous
+value tells which. The rate of change is measured only forward in time: a clock stepped back (NTP
+after a power cut) skips the rate check instead of making every change look infinitely fast.
 The pre-value is saved to `state_file` (atomically) on every change (an unchanged one every 10
 minutes), so a restart continues from it; `set_value` (HTTP, MQTT, CLI) replaces it at run time,
 e.g. after a meter exchange.
@@ -37,7 +42,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from device.meter.config import PostprocessConfig
 
@@ -57,7 +62,7 @@ class Outcome:
     accepted: bool
     status: str  # ok | initial | jitter | recovered | rejected | no reading | set
     reason: str = ""
-    rate: float | None = None  # units per minute since the previous good value
+    rate: float | None = None  # units per minute since the previous good value (None: unknown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,13 +104,22 @@ class PostProcessor:
             return None
 
     def _save(self) -> None:
+        """Write the pre-value atomically; a full or read-only disk is logged, not raised (the value stays
+        in memory and the next change tries again), so storage trouble never stops the readings."""
         path = self.config.state_file
         if path is None or self._pre is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"value": self._pre.value, "time": self._pre.time}) + "\n")
-        os.replace(tmp, path)  # atomic: a power cut leaves the old or the new value, never half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as out:
+                out.write(json.dumps({"value": self._pre.value, "time": self._pre.time}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())  # on the card before the rename, or a power cut may leave it empty
+            os.replace(tmp, path)  # atomic: a power cut leaves the old or the new value, never half a file
+        except OSError as exc:
+            log.error("cannot save the last good value to %s: %s", path, exc)
+            return
         self._saved_time = self._pre.time
 
     def _within_jitter(self, before: _Point, after: _Point) -> bool:
@@ -119,8 +133,8 @@ class PostProcessor:
             return ""
         if delta < 0 and not self.config.allow_negative:
             return f"negative rate: {after.value:g} is {-delta:g} below {before.value:g}"
-        if self.config.max_rate is not None:
-            minutes = max(after.time - before.time, 1e-3) / 60.0
+        if self.config.max_rate is not None and (after.time > before.time or self.config.rate_mode != "per_minute"):
+            minutes = (after.time - before.time) / 60.0
             rate = delta / minutes if self.config.rate_mode == "per_minute" else delta
             if abs(rate) > self.config.max_rate:
                 per = "/min" if self.config.rate_mode == "per_minute" else " per reading"
@@ -129,8 +143,8 @@ class PostProcessor:
         return ""
 
     def _accept(self, point: _Point, status: str, reason: str = "") -> Outcome:
-        rate = None
-        if self._pre is not None and point.time > self._pre.time:
+        rate = None  # after a recovery the old value was wrong, so a rate against it would be too
+        if self._pre is not None and point.time > self._pre.time and status != "recovered":
             rate = (point.value - self._pre.value) / ((point.time - self._pre.time) / 60.0)
         changed = self._pre is None or point.value != self._pre.value
         self._pre = point
@@ -151,8 +165,13 @@ class PostProcessor:
             return f"previous value is {age_min:.0f} min old (prevalue_max_age_min {limit:g})"
         return ""
 
-    def process(self, raw: float | None, timestamp: float | None = None, error: str = "") -> Outcome:
-        """Check one reading (None for a refused frame, with `error`) and return what was published."""
+    def process(self, raw: float | None, timestamp: float | None = None, error: str = "",
+                alternatives: Sequence[float] = ()) -> Outcome:
+        """Check one reading (None for a refused frame, with `error`) and return what was published.
+
+        `alternatives` are other values the same frame fits (most likely first); one of them is used when
+        `raw` fails a check and it passes.
+        """
         now = self.clock() if timestamp is None else timestamp
         with self._lock:
             current = None if self._pre is None else self._pre.value
@@ -164,16 +183,22 @@ class PostProcessor:
             if stale := self._stale(now):
                 return self._accept(point, "initial", stale)
             assert self._pre is not None
-            if point.value < self._pre.value and not self.config.allow_negative and \
-                    self._within_jitter(self._pre, point):
+            note = ""
+            if problem := self._problem(self._pre, point):
+                fitting = [p for p in (_Point(float(a), now) for a in alternatives if math.isfinite(a))
+                           if not self._problem(self._pre, p)]
+                if not fitting:
+                    return self._reject(point, problem)
+                note = (f"the wheels also read {fitting[0].value:g}, which fits the last good value "
+                        f"{self._pre.value:g} ({point.value:g}: {problem})")
+                point = fitting[0]
+            if point.value < self._pre.value and not self.config.allow_negative:  # a jitter-sized decrease
                 self._pending.clear()
                 self._pending_reasons.clear()
-                return Outcome(now, point.value, self._pre.value, True, "jitter",
-                               f"{point.value:g} is within jitter {self.jitter:g} below {self._pre.value:g}; kept", 0.0)
-            problem = self._problem(self._pre, point)
-            if not problem:
-                return self._accept(point, "ok")
-            return self._reject(point, problem)
+                reason = "; ".join(filter(None, (
+                    f"{point.value:g} is within jitter {self.jitter:g} below {self._pre.value:g}; kept", note)))
+                return Outcome(now, point.value, self._pre.value, True, "jitter", reason, 0.0)
+            return self._accept(point, "ok", note)
 
     def _reject(self, point: _Point, problem: str) -> Outcome:
         """Remember the rejected reading; accept it when it completes N agreeing rejected readings."""

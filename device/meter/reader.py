@@ -1,4 +1,4 @@
-"""From a camera frame to a meter reading: align, crop every wheel, classify in one batch, assemble.
+"""From a camera frame to a meter reading: align, crop every wheel, classify them all, assemble.
 
 The assembly rule (`assemble`) is where mechanical counters are different from a row of digits.
 A wheel does not jump: it turns from d to d+1 while the wheel to its right turns from 9 to 0
@@ -25,12 +25,22 @@ Example: wheels 1.0, 2.9, 9.8 (extended resolution) → the last wheel is 9.8; t
 expected 0.8 of its way, 2.9 - 0.8 = 2.1 → 2; the first one sees q = 2.8 → carry 0 → 1: 129.8.
 One tick later the last wheel is 0.1 and the middle one 3.0 → 130.1; a middle wheel still lagging
 at 2.9 is also read 3 because its neighbour has passed 0.
+
+One frame cannot always tell which reading the wheels mean, because counters differ in *when* a
+carry happens: the rule above assumes the left wheel turns in step with its neighbour's 9 → 0, but
+on many counters it starts late, so wheels 1.0, 9.0, 9.5 are 199.5 on one meter (the middle wheel
+has not started its carry) and 189.5 on another (it has nearly finished it, seen 0.3 high). The
+reading is therefore returned with its `alternatives`: the same wheels assembled with a late carry
+(a wheel anywhere between its digit and where a carry in step would have taken it; the position
+it hands to its left neighbour is the observed one) and without the last wheel's nudge. The
+post-processing (device.meter.postprocess) picks the first of them that agrees with the previous
+value, so a meter that stops in a carry overnight keeps reading 199 instead of settling on 189.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import cv2
@@ -59,25 +69,55 @@ class Assembled:
     value: float
     text: str
     digits: tuple[int, ...]
+    alternatives: tuple["Assembled", ...] = ()  # other readings the same wheels fit, most likely first
 
 
 def assemble(wheels: Sequence[Wheel], config: ReadingConfig = ReadingConfig()) -> Assembled:
-    """Assemble wheel positions (left = most significant) into a number; the rule is in the module docstring."""
+    """Assemble wheel positions (left = most significant) into a number; the rule is in the module docstring.
+
+    The result is the in-step reading; its `alternatives` are the distinct readings of a late carry and of
+    the last wheel without its nudge, for the post-processing to choose from when the first one does not
+    fit the previous value.
+    """
     if not wheels:
         raise ValueError("no wheels to assemble")
-    last = float(wheels[-1].value) % 10.0
+    values = [float(w.value) % 10.0 for w in wheels]
+    first, *others = [_assemble(values, config, late, nudge) for nudge in (True, False) for late in (False, True)]
+    alternatives: list[Assembled] = []
+    for other in others:
+        if other.text != first.text and all(other.text != a.text for a in alternatives):
+            alternatives.append(other)
+    return replace(first, alternatives=tuple(alternatives))
+
+
+def _span_distance(value: float, digit: int, carry: float) -> float:
+    """Circular distance from `value` to the span [digit, digit + carry] a late carry allows."""
+    offset = (value - digit) % 10.0
+    return 0.0 if offset <= carry else min(offset - carry, 10.0 - offset)
+
+
+def _assemble(values: list[float], config: ReadingConfig, late: bool, nudge: bool) -> Assembled:
+    """One reading of the wheels: carries in step (late=False) or late; last wheel nudged or as seen."""
+    last = values[-1]
     if config.extended_resolution:
         position = round(last, 1) % 10.0
         tenth = int(round((position - math.floor(position)) * 10)) % 10
     else:
-        position = (last + config.last_wheel_tolerance) % 10.0
+        position = (last + (config.last_wheel_tolerance if nudge else 0.0)) % 10.0
         tenth = None
     digits = [int(math.floor(position)) % 10]
-    for wheel in reversed(wheels[:-1]):
+    for value in reversed(values[:-1]):
         carry = max(0.0, position - 9.0)
-        digit = int(math.floor(float(wheel.value) - carry + 0.5)) % 10
+        if late:
+            # Ties go to the digit an in-step carry would show (9.9 beside a neighbour at 9.8 is a 9 running ahead).
+            digit = min(range(10), key=lambda d: (round(_span_distance(value, d, carry), 9),
+                                                  _span_distance(value, d + carry, 0.0)))
+            offset = (value - digit) % 10.0
+            position = digit + min(offset if offset < 5.0 else 0.0, carry)  # seen below its digit: no progress
+        else:
+            digit = int(math.floor(value - carry + 0.5)) % 10
+            position = digit + carry
         digits.append(digit)
-        position = digit + carry
     digits.reverse()
     shown = "".join(map(str, digits)) + ("" if tenth is None else str(tenth))
     decimals = config.decimals + (0 if tenth is None else 1)
@@ -96,6 +136,7 @@ class MeterReading:
     alignment: Alignment
     error: str = ""
     crops: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    alternatives: tuple[float, ...] = ()  # other values the wheels fit (see `assemble`), most likely first
 
     def positions(self) -> list[float]:
         """Wheel positions in [0, 10), rounded for display (a model may report 9.999… as 10.0)."""
@@ -106,7 +147,7 @@ class MeterReading:
         return min((float(w.confidence) for w in self.wheels), default=0.0)
 
     def summary(self) -> dict:
-        return {"value": self.value, "text": self.text, "error": self.error,
+        return {"value": self.value, "text": self.text, "error": self.error, "alternatives": list(self.alternatives),
                 "wheels": self.positions(),
                 "confidence": round(self.confidence, 3), "alignment": self.alignment.summary()}
 
@@ -127,7 +168,7 @@ class MeterReader:
         return cls(config, MeterDigitModel.from_bundle(config.bundle, variant=config.variant, threads=config.threads))
 
     def read(self, frame: np.ndarray) -> MeterReading:
-        """Align, crop, classify all wheels in one batch, assemble. Never raises for a bad frame: it refuses."""
+        """Align, crop, classify all wheels, assemble. Never raises for a bad frame: it refuses."""
         frame = check_image(frame, "frame")
         if frame.ndim == 2:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
@@ -147,4 +188,5 @@ class MeterReader:
             return MeterReading(None, "", wheels, alignment, f"digit model unsure of wheel {', '.join(unsure)} "
                                 f"< min_confidence {self.config.reading.min_confidence}", crops)
         result = assemble(wheels, self.config.reading)
-        return MeterReading(result.value, result.text, wheels, alignment, "", crops)
+        return MeterReading(result.value, result.text, wheels, alignment, "", crops,
+                            tuple(a.value for a in result.alternatives))
