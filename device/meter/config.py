@@ -30,6 +30,7 @@ table is refused with a message saying so, rather than silently ignored.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ DEVICE_CLASSES: dict[str, tuple[str, ...]] = {
     "none": (),
 }
 RATE_MODES = ("per_minute", "per_reading")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # what Home Assistant's MQTT discovery topics accept
 
 
 class ConfigError(ValueError):
@@ -312,9 +314,11 @@ def load_config(path: str | Path) -> MeterConfig:
 
     meter = root.table("meter", required=True)
     name = meter.get("name", str)
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise ConfigError(f"{path}: meter.name must be letters, digits, '-' or '_' (it is used in MQTT topics); "
-                          f"got {name!r}")
+    if not NAME_PATTERN.fullmatch(name):
+        # not str.isalnum(): it accepts "küche" or "m²", which Home Assistant's discovery topics do not match,
+        # so those entities would be silently ignored there
+        raise ConfigError(f"{path}: meter.name must be letters, digits, '-' or '_', ASCII only (it is used in "
+                          f"MQTT topics and Home Assistant ids, which allow nothing else); got {name!r}")
     device_class = meter.get("device_class", str, "none", choices=tuple(DEVICE_CLASSES))
     unit = meter.get("unit", str, "")
     allowed = DEVICE_CLASSES[device_class]
@@ -347,7 +351,9 @@ def load_config(path: str | Path) -> MeterConfig:
     source = capture.get("source", str, "0")
     interval = capture.get("interval_s", float, 60.0, lo=0.0)
     size = capture.get("size", list, None)
-    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size)):
+    # bool is an int subclass: without the explicit check, [true, 480] would pass as [1, 480]
+    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                       for v in size)):
         raise ConfigError(f"{path}: capture.size must be [width, height] in pixels, got {size!r}")
     capture.check_unknown()
 

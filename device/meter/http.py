@@ -6,6 +6,8 @@ on a Raspberry Pi, so a web framework would only add installs.
     GET  /api/value                      latest reading and published value
     GET  /api/history?limit=100&since=T&accepted=1   stored readings, newest first (T: Unix time)
     POST /api/value   {"value": 123.456}  replace the last good value (Bearer token if configured)
+
+Every request gets a JSON answer: 400/413 for a bad request, 500 with the error when the service fails.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from device.meter.config import HttpConfig
 from device.meter.history import History
 
 log = logging.getLogger("device.meter")
+MAX_BODY = 64 * 1024  # a set_value body is a few bytes; anything longer is refused, not read
 ENDPOINTS = {"GET /api/value": "latest reading", "GET /api/history": "stored readings (limit, since, accepted)",
              "POST /api/value": 'set the fallback value: {"value": <number>}'}
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
+    # a client that sends less than its Content-Length (or nothing) would otherwise hold a thread forever
+    timeout = 10
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http: " + format, *args)
@@ -40,10 +45,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Answer 500 when the service fails (a locked history database, a full disk): without an answer the
+        client sees only a dropped connection, and the cause would be nowhere."""
+        log.error("HTTP %s %s: %s failed", self.command, self.path, what, exc_info=exc)
+        self._send(500, {"error": f"{what} failed: {type(exc).__name__}: {exc}"})
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         url = urlsplit(self.path)
         if url.path == "/api/value":
-            return self._send(200, self.server.latest())
+            try:
+                latest = self.server.latest()
+            except Exception as exc:
+                return self._failed("reading the latest value", exc)
+            return self._send(200, latest)
         if url.path == "/api/history":
             if self.server.history is None:
                 return self._send(404, {"error": "history is not enabled in the config ([history])"})
@@ -54,7 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 return self._send(400, {"error": "limit must be an integer and since a Unix time"})
             accepted = query.get("accepted", ["0"])[0] in ("1", "true", "yes")
-            rows = self.server.history.recent(max(1, min(limit, 10000)), since, accepted)
+            try:
+                rows = self.server.history.recent(max(1, min(limit, 10000)), since, accepted)
+            except Exception as exc:
+                return self._failed("reading the history", exc)
             return self._send(200, {"readings": rows})
         if url.path in ("/", "/api"):
             return self._send(200, {"endpoints": ENDPOINTS})
@@ -66,13 +84,27 @@ class _Handler(BaseHTTPRequestHandler):
         token = self.server.config.token
         if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return self._send(401, {"error": "missing or wrong 'Authorization: Bearer <token>'"})
+        # checked before reading: rfile.read(-1) would read until the client closes, so never answer
+        header = self.headers.get("Content-Length", "0")
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(min(length, 10000)) or b"{}")
+            length = int(header)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return self._send(400, {"error": f"Content-Length must be a number of bytes, got {header!r}"})
+        if length > MAX_BODY:
+            return self._send(413, {"error": f"Content-Length {length} is over the limit of {MAX_BODY} bytes"})
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
             value = float(body["value"])
-            outcome = self.server.set_value(value)
         except (ValueError, KeyError, TypeError) as exc:
             return self._send(400, {"error": f'expected a JSON body {{"value": <number>}}: {exc}'})
+        try:
+            outcome = self.server.set_value(value)
+        except ValueError as exc:  # refused by the service, e.g. not a finite number
+            return self._send(400, {"error": str(exc)})
+        except Exception as exc:
+            return self._failed("setting the value", exc)
         return self._send(200, outcome)
 
 
