@@ -303,6 +303,33 @@ def test_service_survives_bad_frames_and_camera_loss(tmp_path: Path, data_dir: P
     db.close()
 
 
+def test_a_failing_audit_log_does_not_stop_the_door(tmp_path: Path, data_dir: Path, recognizer: Recognizer) -> None:
+    """A full SD card (here: the snapshot folder replaced by a file, so the refused attempt's JPEG cannot be
+    written) is logged as audit_failed; the decision still stands and the next frames are still read."""
+    config = make_config(tmp_path)
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    folder = attempt_folder(tmp_path, data_dir, "strangers", STRANGERS * 2)
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=0.3, pin_factory=factory)
+    audit = AuditLog(config.storage.database, config.storage.snapshots)
+    config.storage.snapshots.rmdir()
+    config.storage.snapshots.write_text("not a folder any more")
+    lock = DoorLock(config, recognizer, db, audit, relay, FolderSource(folder), clock=Clock())
+    lines: list[str] = []
+    handler = _Capture(lines)
+    logging.getLogger("doorlock").addHandler(handler)
+    try:
+        decisions = [d for d in (lock.step() for _ in range(len(STRANGERS) * 2)) if d is not None]
+    finally:
+        logging.getLogger("doorlock").removeHandler(handler)
+    assert decisions and all(d.action != "unlock" for d in decisions)
+    assert sum("audit_failed" in line for line in lines) == len(decisions), lines
+    assert factory.pin(17).state is False and audit.recent() == []  # nothing stored, nothing opened
+    relay.close()
+    db.close()
+
+
 class _Capture(logging.Handler):
     def __init__(self, lines: list[str]) -> None:
         super().__init__()

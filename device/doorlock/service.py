@@ -2,8 +2,9 @@
 
 Design choices:
 - Logs are JSON lines on stderr (journald keeps them; `jq` reads them), one object per event.
-- Nothing that one frame or the camera does may stop the service: bad frames are skipped, a lost
-  camera is reopened with back-off (device.camera.Reconnecting) and logged once per outage.
+- Nothing that one frame, the camera or the storage does may stop the service: bad frames are skipped,
+  a lost camera is reopened with back-off (device.camera.Reconnecting) and logged once per outage, an
+  audit record that cannot be written (full SD card, locked database) is logged as audit_failed.
 - SIGTERM/SIGINT set a stop flag; the loop finishes its frame, the relay is locked and released,
   databases are closed. `atexit` locks the relay as well for any other way out of Python.
 - People enrolled (or removed) by `doorlock enroll` while the service runs are picked up without a
@@ -16,6 +17,7 @@ import atexit
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -123,11 +125,15 @@ class DoorLock:
             return None
         if decision.action == "unlock":
             self.relay.unlock()
-        row = self.audit.record(decision, frame)
+        try:
+            snapshot = self.audit.record(decision, frame).snapshot
+        except (sqlite3.Error, OSError) as exc:  # a full SD card or a locked database must not stop the door
+            event("audit_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            snapshot = None
         event("decision", action=decision.action, person=decision.person, distance=round(decision.distance, 4),
               score=None if decision.score is None else round(decision.score, 3),
-              threshold=self.recognizer.describe_threshold(self.config.decision.threshold), frames=decision.frames, motion=round(decision.motion, 2),
-              reason=decision.reason, snapshot=row.snapshot)
+              threshold=self.recognizer.describe_threshold(self.config.decision.threshold), frames=decision.frames,
+              motion=round(decision.motion, 2), reason=decision.reason, snapshot=snapshot)
         return decision
 
     def run(self) -> None:
