@@ -77,9 +77,11 @@ def _preview(args: argparse.Namespace) -> int:
         aligner = reader.aligner
         reading = reader.read(frame)
     alignment, files = write_preview(frame, aligner, list(config.digits), args.out, reading)
-    for match in alignment.matches:
+    for i, match in enumerate(alignment.matches):
         print(f"mark {match.name}: score {match.score:.3f}, moved "
-              f"{match.found[0] - match.expected[0]:+.1f},{match.found[1] - match.expected[1]:+.1f} px")
+              f"{match.found[0] - match.expected[0]:+.1f},{match.found[1] - match.expected[1]:+.1f} px"
+              + (f", DROPPED: {alignment.residuals[i]:.1f} px from where the other marks put it"
+                 if i in alignment.dropped else ""))
     if not alignment.ok:
         print(f"alignment REFUSED: {alignment.reason}")
     elif reading is not None:

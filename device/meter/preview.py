@@ -27,16 +27,19 @@ def _text(image: np.ndarray, text: str, at: tuple[int, int], color: tuple[int, i
 
 def annotate(frame: np.ndarray, alignment: Alignment, rois: list[Roi], reading: MeterReading | None,
              min_score: float) -> np.ndarray:
-    """The frame with search windows (yellow), found marks (green, red if too weak) and mapped ROIs (blue)."""
+    """The frame with search windows (yellow), found marks (green; red if too weak or dropped because the other
+    marks put it elsewhere) and mapped ROIs (blue)."""
     image = frame.copy() if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    for match in alignment.matches:
+    for i, match in enumerate(alignment.matches):
         x, y, w, h = match.window
         cv2.rectangle(image, (x, y), (x + w, y + h), _YELLOW, 1)
         tw, th = match.size
         fx, fy = match.found
-        color = _GREEN if match.score >= min_score else _RED
+        dropped = i in alignment.dropped
+        color = _GREEN if match.score >= min_score and not dropped else _RED
         cv2.rectangle(image, (int(fx - tw / 2), int(fy - th / 2)), (int(fx + tw / 2), int(fy + th / 2)), color, 2)
-        _text(image, f"{match.name} {match.score:.2f}", (x, max(12, y - 4)), color)
+        label = f"{match.name} {match.score:.2f}" + (f" dropped, {alignment.residuals[i]:.0f} px off" if dropped else "")
+        _text(image, label, (x, max(12, y - 4)), color)
     if alignment.matrix is not None:
         for i, roi in enumerate(rois):
             corners = np.array([[[roi.x, roi.y]], [[roi.x + roi.w, roi.y]], [[roi.x + roi.w, roi.y + roi.h]],
