@@ -99,3 +99,13 @@ def test_failing_history_answers_500(serve) -> None:
     server = serve(lambda value: {"value": value}, FailingHistory())
     status, body = _request(server.port, "GET", "/api/history?limit=5")
     assert status == 500 and "database is locked" in body["error"]
+
+
+def test_an_open_endpoint_without_a_token_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Bound to every interface with no token, anyone on the network can overwrite the meter's value: say so."""
+    with caplog.at_level("WARNING", logger="device.meter"):
+        for config in (HttpConfig(port=0), HttpConfig(host="0.0.0.0", port=0, token="s3cret"),
+                       HttpConfig(host="0.0.0.0", port=0)):
+            MeterHttp(config, lambda: {}, lambda v: {}).start().close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "anyone who can reach 0.0.0.0" in warnings[0] and "token" in warnings[0]

@@ -13,6 +13,7 @@ Every request gets a JSON answer: 400/413 for a bad request, 500 with the error 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -134,7 +135,11 @@ class MeterHttp:
 
     def start(self) -> "MeterHttp":
         self.thread.start()
-        log.info("HTTP endpoint on http://%s:%d/api/value", self.server.server_address[0], self.port)
+        host = self.server.server_address[0]
+        log.info("HTTP endpoint on http://%s:%d/api/value", host, self.port)
+        if not self.server.config.token and not ipaddress.ip_address(host).is_loopback:
+            log.warning("HTTP: anyone who can reach %s:%d can set the meter's value (POST /api/value); set "
+                        "[http] token, or host = \"127.0.0.1\"", host, self.port)
         return self
 
     def close(self) -> None:
