@@ -5,18 +5,29 @@ model expects (input shape, dtype, quantisation, preprocessing, labels, threshol
 device never guesses, and it carries the sha256 of every file so that a truncated copy or a
 model swapped by hand is refused instead of silently run. The writer lives here, next to the
 reader, so the format is defined in one place.
+
+What the hashes cover: every file the manifest names, and only files inside the bundle folder
+(a name with "..", an absolute path or a file missing from `files` is refused). A model or cohort
+is loaded from the very bytes that were hashed (`Bundle.read`), so a file replaced between the
+check and the load cannot slip in. The manifest itself is not hashed: it is the source of truth
+for the hashes, so a corrupt one is caught only by its structure; protecting it against a
+deliberate edit (thresholds, labels) would need a signature, which bundles do not have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device.runtime import Model
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(Exception):
@@ -51,6 +62,8 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{manifest_path} is not a bundle manifest (a JSON object)")
         for key in ("format", "task", "models", "files"):
             if key not in manifest:
                 raise BundleError(f"{manifest_path} has no '{key}' entry; not a bundle manifest")
@@ -58,6 +71,7 @@ class Bundle:
             raise BundleError(
                 f"{manifest_path} is bundle format {manifest['format']}, this runtime reads {FORMAT_VERSION}"
             )
+        _check_structure(manifest, manifest_path)
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()
@@ -65,16 +79,25 @@ class Bundle:
 
     def verify(self) -> None:
         """Raise BundleError unless every file listed in the manifest exists with its recorded sha256."""
-        for name, expected in self.manifest["files"].items():
-            file = self.root / name
-            if not file.is_file():
-                raise BundleError(f"bundle {self.root}: {name} is listed in the manifest but missing")
-            actual = sha256_file(file)
-            if actual != expected:
-                raise BundleError(
-                    f"bundle {self.root}: {name} does not match its manifest "
-                    f"(sha256 {actual[:12]}…, expected {expected[:12]}…); refusing a modified or corrupt model"
-                )
+        for name in self.manifest["files"]:
+            self.read(name)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of one listed file, checked against its sha256: load models from these, not from a path."""
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            raise BundleError(f"bundle {self.root}: {name} is not listed in the manifest's files")
+        file = self.root / name
+        if not file.is_file():
+            raise BundleError(f"bundle {self.root}: {name} is listed in the manifest but missing")
+        data = file.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise BundleError(
+                f"bundle {self.root}: {name} does not match its manifest "
+                f"(sha256 {actual[:12]}…, expected {expected[:12]}…); refusing a modified or corrupt model"
+            )
+        return data
 
     @property
     def task(self) -> str:
@@ -102,7 +125,43 @@ class Bundle:
         return dict(models[variant])
 
     def model_path(self, variant: str = "int8") -> Path:
+        """Where the variant's file is (for messages and benchmarks); load it with `model`, which checks it."""
         return self.root / self.model_info(variant)["file"]
+
+    def model(self, variant: str = "int8", threads: int | None = None) -> Model:
+        """The variant's model, built from the bytes whose sha256 was just checked."""
+        return Model(self.model_path(variant), threads=threads, content=self.read(self.model_info(variant)["file"]))
+
+
+def _check_name(name: object, where: str) -> str:
+    """A file name inside the bundle folder: relative, forward slashes, no "..", so it cannot point outside."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or ":" in name \
+            or any(part in ("", ".", "..") for part in name.split("/")):
+        raise BundleError(f"{where}: {name!r} is not a file name inside the bundle folder")
+    return name
+
+
+def _check_structure(manifest: dict[str, Any], where: Path) -> None:
+    """Types and names the loader relies on, so a damaged manifest is a BundleError, not a traceback."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{where}: 'files' must map each file name to its sha256 (and list at least the model)")
+    for name, digest in files.items():
+        _check_name(name, f"{where} files")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise BundleError(f"{where}: the sha256 of {name} is not 64 hex digits")
+    models = manifest["models"]
+    if not isinstance(models, dict) or not models:
+        raise BundleError(f"{where}: 'models' must map each variant (e.g. int8) to its file and facts")
+    for variant, info in models.items():
+        if not isinstance(info, dict) or "file" not in info:
+            raise BundleError(f"{where}: model '{variant}' has no 'file'")
+        referenced = [info["file"]]
+        if isinstance(info.get("score_normalisation"), dict) and "cohort" in info["score_normalisation"]:
+            referenced.append(info["score_normalisation"]["cohort"])
+        for name in referenced:
+            if _check_name(name, f"{where} model '{variant}'") not in files:
+                raise BundleError(f"{where}: model '{variant}' names {name}, which has no sha256 in 'files'")
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:

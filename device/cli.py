@@ -15,6 +15,14 @@ DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
 USER_ERRORS = (BundleError, ImageError, ModelError, OSError, ValueError)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a clear usage error for 0 or less instead of a traceback later."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _read_digit(args: argparse.Namespace) -> int:
     from device.digits import DigitReader
 
@@ -58,8 +66,8 @@ def _add_read_digit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, …)")
     p.add_argument("--bundle", type=Path, default=DEFAULT_MODELS / "digits", help="digits bundle folder (default: %(default)s)")
     p.add_argument("--variant", choices=("int8", "float"), default="int8", help="which model of the bundle to run (default: int8)")
-    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: all cores)")
-    p.add_argument("--top", type=int, default=3, help="how many candidates to report (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="interpreter threads (default: all cores)")
+    p.add_argument("--top", type=positive_int, default=3, help="how many candidates to report (default: 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.set_defaults(func=_read_digit)
 

@@ -10,7 +10,6 @@ import numpy as np
 from device.bundle import Bundle, BundleError
 from device.images import load_image
 from device.preprocess import mnist_style, normalize
-from device.runtime import Model
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class DigitReader:
         self.bundle = bundle
         self.spec = bundle.preprocessing
         self.labels = [int(label) for label in bundle.labels]
-        self.model = Model(bundle.model_path(variant), threads=threads)
+        self.model = bundle.model(variant, threads=threads)
 
     @classmethod
     def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "DigitReader":

@@ -212,7 +212,7 @@ class FaceEmbedder:
         bundle = Bundle.load(path)
         if bundle.task != "face-embedding":
             raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a face-embedding bundle")
-        model = Model(bundle.model_path(variant), threads=threads)
+        model = bundle.model(variant, threads=threads)
         thresholds = bundle.model_info(variant).get("thresholds")
         if thresholds is None and variant == bundle.manifest.get("default_model"):
             thresholds = bundle.thresholds  # top-level `thresholds` belong to the default (int8) model
@@ -220,9 +220,9 @@ class FaceEmbedder:
             raise BundleError(f"bundle {bundle.root} has no match thresholds for its '{variant}' model")
         cohort, score_thresholds = None, {}
         normalisation = bundle.model_info(variant).get("score_normalisation")
-        if normalisation:  # the file was sha256-checked with the rest of the bundle
-            try:
-                cohort = Cohort.load(bundle.root / normalisation["cohort"], int(normalisation["top_k"]))
+        if normalisation:
+            try:  # from the bytes whose sha256 was just checked
+                cohort = Cohort.load(io.BytesIO(bundle.read(normalisation["cohort"])), int(normalisation["top_k"]))
                 score_thresholds = {k: float(v) for k, v in normalisation["thresholds"].items()}
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 raise BundleError(f"bundle {bundle.root}: unusable score_normalisation for the '{variant}' model "

@@ -1,9 +1,9 @@
 """Running a .tflite model with whichever LiteRT interpreter this machine has.
 
 Order of preference: `ai_edge_litert` (LiteRT, the maintained runtime), then `tflite_runtime`
-(older Pi images), then TensorFlow's own interpreter as a last resort on a host that has neither.
-TensorFlow is never a dependency of this package; it is only looked up by name when nothing else
-is installed, so the converter's measurements and a Raspberry Pi run the same code below.
+(older Pi images). Never TensorFlow's interpreter, not even as a fallback on a host: the converter
+measures the models it gates with this module, so a host without LiteRT must fail here rather
+than measure with a different interpreter than the device runs (the `host` extra installs LiteRT).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-_INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
+_INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 _EDGETPU_LIBRARY = {
     "Linux": "libedgetpu.so.1",
     "Darwin": "libedgetpu.1.dylib",
@@ -59,10 +59,9 @@ def edgetpu_delegate() -> Any | None:
         return None
 
 
-def is_edgetpu_compiled(path: Path) -> bool:
+def is_edgetpu_compiled(model: Path | bytes) -> bool:
     """True for a model produced by edgetpu_compiler (it embeds the `edgetpu-custom-op`)."""
-    with open(path, "rb") as handle:
-        return b"edgetpu-custom-op" in handle.read()
+    return b"edgetpu-custom-op" in (model if isinstance(model, bytes) else Path(model).read_bytes())
 
 
 _stderr_lock = threading.Lock()
@@ -102,30 +101,38 @@ def native_messages_to_log() -> Iterator[None]:
                         _log.log(level, "runtime: %s", line.strip())
 
 
-def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool | None = None) -> Any:
-    """Create and allocate an interpreter for a model file.
+def default_threads() -> int:
+    """The cores this process may use (CPU affinity and container limits included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def make_interpreter(path: str | Path, threads: int | None = None, edgetpu: bool | None = None,
+                     content: bytes | None = None) -> Any:
+    """Create and allocate an interpreter for a model file (or for `content`, its bytes, already checked).
 
     `edgetpu=None` uses the Edge TPU only when the model was compiled for it and the library
     is present; `True` insists (and fails clearly without it); `False` never uses it.
     """
     path = Path(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
     module = interpreter_module()
-    compiled = is_edgetpu_compiled(path)
+    compiled = is_edgetpu_compiled(path if content is None else content)
     delegates = []
     if edgetpu or (edgetpu is None and compiled):
         delegate = edgetpu_delegate()
         if delegate is None and (edgetpu or compiled):
-            raise ModelError(f"{path.name} needs the Edge TPU but {_EDGETPU_LIBRARY} could not be loaded")
+            raise ModelError(f"{path.name} needs the Edge TPU but {_EDGETPU_LIBRARY} could not be loaded "
+                             "(or found no Edge TPU attached)")
         delegates.append(delegate)
-    threads = threads or os.cpu_count() or 1
+    source = {"model_path": str(path)} if content is None else {"model_content": content}
     try:
         # Not with a delegate: libedgetpu's fatal messages must reach the console, not a temporary file.
         with native_messages_to_log() if not delegates else nullcontext():
-            interpreter = module.Interpreter(
-                model_path=str(path), experimental_delegates=delegates or None, num_threads=threads
-            )
+            interpreter = module.Interpreter(**source, experimental_delegates=delegates or None,
+                                             num_threads=threads or default_threads())
             interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path} is not a usable TFLite model: {exc}") from exc
@@ -152,9 +159,11 @@ class Model:
     int8 arithmetic themselves and a float and an int8 model are used identically.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, edgetpu: bool | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, edgetpu: bool | None = None,
+                 content: bytes | None = None):
         self.path = Path(path)
-        self.interpreter = make_interpreter(self.path, threads=threads, edgetpu=edgetpu)
+        self._content = content  # the interpreter reads the model from this buffer: keep it alive
+        self.interpreter = make_interpreter(self.path, threads=threads, edgetpu=edgetpu, content=content)
         inputs = self.interpreter.get_input_details()
         outputs = self.interpreter.get_output_details()
         if len(inputs) != 1:
@@ -195,9 +204,19 @@ class Model:
             return y.astype(np.float32, copy=True)
         return (y.astype(np.float32) - quant.zero_point) * quant.scale
 
+    def _fits(self, shape: tuple[int, ...]) -> bool:
+        """One sample's shape as the model takes it, give or take a channel axis of 1 (grey images)."""
+        expected = self.input_shape[1:]
+        return shape == expected or (expected[-1:] == (1,) and shape == expected[:-1]) \
+            or (shape[-1:] == (1,) and shape[:-1] == expected)
+
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Run one sample (shape without the batch axis, or with batch 1); returns every output."""
-        x = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
+        x = np.asarray(x, dtype=np.float32)
+        sample = x.shape[1:] if x.ndim == len(self.input_shape) and x.shape[:1] == (1,) else x.shape
+        if not self._fits(tuple(sample)):  # a transposed or CHW array has the right size but means nothing
+            raise ModelError(f"{self.path.name} takes samples of shape {self.input_shape[1:]}, got {x.shape}")
+        x = x.reshape(self.input_shape)
         self.interpreter.set_tensor(self._input["index"], self.quantize_input(x))
         self.interpreter.invoke()
         return [self._dequantize(i, self.interpreter.get_tensor(o["index"])[0]) for i, o in enumerate(self._outputs)]
@@ -205,10 +224,12 @@ class Model:
     def predict(self, batch: np.ndarray, progress: Any = None) -> np.ndarray:
         """First output for every sample of a batch, stacked. `progress` wraps the sample loop (e.g. tqdm)."""
         batch = np.asarray(batch, dtype=np.float32)
-        expected = self.input_shape[1:]
-        if tuple(batch.shape[1:]) != expected and int(np.prod(batch.shape[1:])) != int(np.prod(expected)):
-            raise ModelError(f"{self.path.name} takes samples of shape {expected}, got {tuple(batch.shape[1:])}")
+        if not self._fits(tuple(batch.shape[1:])):
+            raise ModelError(f"{self.path.name} takes samples of shape {self.input_shape[1:]}, "
+                             f"got {tuple(batch.shape[1:])}")
         indices = range(len(batch))
         if progress is not None:
             indices = progress(indices)
-        return np.stack([self.run(batch[i])[0] for i in indices]) if len(batch) else np.empty((0,))
+        if not len(batch):
+            return np.empty((0, *(int(d) for d in self._outputs[0]["shape"][1:])), np.float32)
+        return np.stack([self.run(batch[i])[0] for i in indices])

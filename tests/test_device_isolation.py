@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -32,6 +33,10 @@ def test_device_source_never_imports_host_packages() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+            # a module named in a string, for importlib (the runtime once fell back to "tensorflow.lite")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    re.fullmatch(rf"({'|'.join(FORBIDDEN)})(\.\w+)*", node.value):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
     assert not offenders
 
 

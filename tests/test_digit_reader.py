@@ -109,3 +109,6 @@ def test_cli_reads_images_and_reports_bad_ones_without_traceback(mnist_test, tmp
     assert f'"digit": {y[0]}' in result.stdout
     assert "broken.jpg: error: " in result.stderr and "Traceback" not in result.stderr
     assert run_cli("-m", "device", "read-digit", "--help").returncode == 0
+    for option in (["--top", "0"], ["--threads", "-1"]):  # were an IndexError and a "not a usable model" message
+        bad = run_cli("-m", "device", "read-digit", str(good), *option)
+        assert bad.returncode == 2 and "must be 1 or more" in bad.stderr and "Traceback" not in bad.stderr

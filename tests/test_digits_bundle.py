@@ -78,3 +78,70 @@ def test_verify_cli_reports_ok_and_corruption(models_dir: Path, bundle_copy: Pat
     bad = run_cli("-m", "device", "verify", str(bundle_copy))
     assert bad.returncode == 2
     assert "report.md does not match" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("../model_int8.tflite", "not a file name inside the bundle"),  # a model beside the bundle, unchecked
+    ("/tmp/model_int8.tflite", "not a file name inside the bundle"),  # Path / "/abs" would drop the root
+    ("other.tflite", "has no sha256 in 'files'"),  # inside, but never hashed
+])
+def test_a_model_the_hashes_do_not_cover_is_refused(bundle_copy: Path, name: str, message: str) -> None:
+    shutil.copy(bundle_copy / "model_int8.tflite", bundle_copy.parent / "model_int8.tflite")
+    shutil.copy(bundle_copy / "model_int8.tflite", bundle_copy / "other.tflite")
+    _edit_manifest(bundle_copy, lambda m: m["models"]["int8"].update(file=name))
+    with pytest.raises(BundleError, match=message):
+        DigitReader.from_bundle(bundle_copy)
+
+
+def test_a_manifest_with_no_hashes_or_broken_entries_is_refused(bundle_copy: Path) -> None:
+    """An empty `files` used to verify as 'OK, 0 files match' with a corrupt model; damaged entries gave tracebacks."""
+    cases = {
+        "'files' must map": lambda m: m.update(files={}),
+        "'files' must map each": lambda m: m.update(files=None),
+        "is not 64 hex digits": lambda m: m["files"].update({"report.md": [1, 28, 28, 1]}),
+        "has no 'file'": lambda m: m["models"]["int8"].pop("file"),
+        "'models' must map": lambda m: m.update(models=[]),
+    }
+    original = (bundle_copy / "manifest.json").read_text()
+    for message, change in cases.items():
+        (bundle_copy / "manifest.json").write_text(original)
+        _edit_manifest(bundle_copy, change)
+        with pytest.raises(BundleError, match=message):
+            Bundle.load(bundle_copy)
+        bad = run_cli("-m", "device", "verify", str(bundle_copy))
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_model_run_is_the_one_whose_hash_was_checked(bundle_copy: Path, models_dir: Path) -> None:
+    """A file replaced after the check (here: between Bundle.load and building the reader) is refused, not run:
+    the model is built from the bytes that are hashed at that moment."""
+    bundle = Bundle.load(bundle_copy)
+    shutil.copy(bundle_copy / "model_float.tflite", bundle_copy / "model_int8.tflite")
+    with pytest.raises(BundleError, match="model_int8.tflite does not match"):
+        DigitReader(bundle)
+    shutil.copy(models_dir / "digits" / "model_int8.tflite", bundle_copy / "model_int8.tflite")
+    assert DigitReader(bundle).model.input_dtype.name == "int8"
+
+
+def test_inputs_of_the_right_size_but_the_wrong_shape_are_refused(models_dir: Path) -> None:
+    """A transposed or channel-first array has as many numbers as the model takes, but not the meaning."""
+    import numpy as np
+
+    from device.runtime import ModelError
+
+    model = Bundle.load(models_dir / "meter-digits").model("int8", threads=1)  # takes (1, 32, 20, 3)
+    assert model.predict(np.zeros((2, 32, 20, 3))).shape == (2, 100)
+    assert model.predict(np.zeros((0, 32, 20, 3))).shape == (0, 100)  # an empty batch, not a crash later
+    for wrong in (np.zeros((2, 20, 32, 3)), np.zeros((2, 3, 32, 20))):
+        with pytest.raises(ModelError, match=r"takes samples of shape \(32, 20, 3\)"):
+            model.predict(wrong)
+    with pytest.raises(ModelError):
+        model.run(np.zeros((3, 32, 20)))
+    digits = Bundle.load(models_dir / "digits").model("int8", threads=1)  # (1, 28, 28, 1): a grey image fits
+    assert digits.run(np.zeros((28, 28)))[0].shape == (10,) and digits.predict(np.zeros((1, 28, 28))).shape == (1, 10)

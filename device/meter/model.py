@@ -127,7 +127,7 @@ class MeterDigitModel:
         bundle = Bundle.load(path)
         if bundle.task != TASK:
             raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a meter digit model ({TASK})")
-        return cls(Model(bundle.model_path(variant), threads=threads), bundle.preprocessing)
+        return cls(bundle.model(variant, threads=threads), bundle.preprocessing)
 
     def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
         """(N, 100) class probabilities, one row per crop (class k = position k / 10)."""
