@@ -40,7 +40,8 @@ def test_int8_accuracy_on_the_full_test_set(predictions: dict) -> None:
 def test_int8_stays_within_the_gate_of_float(predictions: dict) -> None:
     y = predictions["y"]
     drop_pp = 100 * (np.mean(predictions["float"] == y) - np.mean(predictions["int8"] == y))
-    assert drop_pp <= predictions["bundle"].manifest["gate"]["max_drop_pp"]
+    # The documented gate, not the bundle's own record of it (a bundle converted with a looser limit must fail).
+    assert predictions["bundle"].manifest["gate"]["max_drop_pp"] == 0.3 and drop_pp <= 0.3
     assert np.mean(predictions["float"] != predictions["int8"]) < 0.005
 
 

@@ -58,7 +58,10 @@ def test_int8_within_gate_of_float_on_eval_pairs(bundle, eval_set, embeddings):
     int8_report = pairs.report(embeddings["int8"][1])
     assert int8_report["pairs"] == bundle.manifest["evaluation"]["pairs"] == len(split.eval_pairs)
     drop_pp = 100 * (float_report["accuracy_mean"] - int8_report["accuracy_mean"])
-    assert drop_pp <= bundle.manifest["gate"]["max_drop_pp"] + 1e-9
+    # The documented gate, not the bundle's own record of it (a bundle converted with a looser limit must fail).
+    assert bundle.manifest["gate"]["max_drop_pp"] == 0.5 and drop_pp <= 0.5 + 1e-9
+    # A floor under the shipped model (95.0%): a broken re-training passes the relative gate, not this.
+    assert int8_report["accuracy_mean"] >= 0.94
     assert int8_report["accuracy_mean"] == pytest.approx(bundle.manifest["metrics"]["int8"]["accuracy_mean"], abs=1e-9)
     assert np.mean(np.sum(embeddings["float"][1] * embeddings["int8"][1], axis=1)) > 0.95
 
@@ -73,11 +76,36 @@ def test_manifest_thresholds_are_the_int8_models(bundle, eval_set, embeddings):
     for name, value in recalibrated.items():
         assert bundle.thresholds[name] == pytest.approx(value, abs=1e-5)
         assert embedder.threshold(name) == bundle.thresholds[name]
-    assert details["far_0.1pct"]["far_all_impostors"] <= 0.001
-    assert details["far_0.001pct"]["far_all_impostors"] <= 0.00001
     assert bundle.thresholds["far_0.001pct"] < bundle.thresholds["far_0.1pct"]
     float_thresholds = bundle.model_info("float")["thresholds"]
     assert embeddings["float"][0].threshold() == float_thresholds["far_0.1pct"]
+
+
+def test_a_threshold_calibrated_on_some_strangers_holds_for_others(eval_set, embeddings):
+    """The bundle's thresholds are calibrated on every impostor pair of the evaluation people, so checking their
+    FAR on those same pairs proves nothing. Here the evaluation people are split in two halves: the distance
+    that lets in 0.1% of the impostor pairs among one half's images is applied to the other half's, whose
+    strangers it never saw. A calibration that generalises stays near 0.1% (allowed: up to 3x)."""
+    split, keys, _ = eval_set
+    _, int8 = embeddings["int8"]
+    person = np.array([k.rsplit("_", 1)[0] for k in keys])
+    names = sorted(set(person))
+    half = np.isin(person, names[::2])
+
+    def impostor_distances(rows: np.ndarray) -> np.ndarray:
+        vectors, who = int8[rows], person[rows]
+        i, j = np.triu_indices(len(vectors), 1)
+        different = who[i] != who[j]
+        return np.sqrt(np.maximum(0.0, 2 - 2 * np.sum(vectors[i[different]] * vectors[j[different]], axis=1)))
+
+    far = {}
+    for calibrate, check in ((half, ~half), (~half, half)):
+        seen, unseen = impostor_distances(np.flatnonzero(calibrate)), impostor_distances(np.flatnonzero(check))
+        threshold = np.sort(seen)[int(0.001 * len(seen))]  # accept distances below: 0.1% of the seen strangers
+        assert len(unseen) > 300_000 and np.mean(seen < threshold) <= 0.001
+        far[len(far)] = float(np.mean(unseen < threshold))
+    print("FAR on unseen strangers at a threshold for 0.1% on the others:", far)
+    assert all(value <= 0.003 for value in far.values()), far
 
 
 def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle, eval_set, embeddings):
@@ -92,7 +120,6 @@ def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle,
     recalibrated, details = pairs.normalised(int8, embedder.cohort)
     for name, value in recalibrated.items():
         assert embedder.score_threshold(name) == pytest.approx(value, abs=1e-4)
-    assert details["far_0.001pct"]["far_all_impostors"] <= 0.00001
     raw = pairs.thresholds(int8)[1]
     for name in ("far_0.1pct", "far_0.001pct"):
         assert details[name]["tar_on_pairs"] > raw[name]["tar_on_pairs"], name
