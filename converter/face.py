@@ -204,7 +204,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     manifest: dict[str, Any] = {
         "task": "face-embedding",
         "name": "face",
-        "description": "128-D unit face embedding of a 128x128 grey face crop (device.face.crop_face of a Haar box); "
+        "description": "128-D unit face embedding of a grey face crop (device.face.crop_face of a Haar box gives "
+                       f"128x128, resized to the model's {spec['size'][0]}x{spec['size'][1]} by device.face.face_input); "
                        "same person when the Euclidean distance is <= a threshold, or when the score normalised "
                        "against the bundled cohort (device.face.Cohort) is >= its threshold",
         "models": pair.models,
