@@ -179,3 +179,13 @@ def test_rate_is_unknown_after_a_recovery_and_storage_errors_do_not_stop_reading
         assert post.process(5.0, T0).status == "initial"
         assert (post.process(5.01, T0 + 60).status, post.prevalue[0]) == ("ok", 5.01)
     assert "cannot save the last good value" in caplog.text
+
+
+def test_rate_is_measured_over_ten_minutes_not_one_reading() -> None:
+    """Half a litre a minute on a meter that shows whole litres: readings a minute apart step 0, 1, 0, 1 litres,
+    so a per-reading rate flips between 0 and 1 L/min; over the window it is the real 0.5."""
+    post = PostProcessor(replace(BASE, max_rate=None), 1.0)
+    outcomes = [post.process(float(minute // 2), T0 + 60 * minute) for minute in range(31)]
+    assert outcomes[0].rate is None and outcomes[1].rate == 0.0 and outcomes[2].rate == pytest.approx(0.5)
+    assert all(o.rate == pytest.approx(0.5, abs=0.06) for o in outcomes[10:]), [o.rate for o in outcomes]
+    assert all(o.status in ("initial", "ok") for o in outcomes)

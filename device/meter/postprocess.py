@@ -41,12 +41,17 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from device.meter.config import PostprocessConfig
 
 log = logging.getLogger("device.meter")
+# The published rate is measured over at least RATE_WINDOW_S where the good values go back that far (from the
+# newest one that old, else from the oldest there is): over one minute, a meter showing litres flips between 0
+# and 1 L/min at half a litre a minute.
+RATE_WINDOW_S = 600.0
 # An unchanged value is re-saved (to refresh its time for prevalue_max_age_min) at most this often:
 # a reading a minute would otherwise rewrite the SD card's state file 1440 times a day for nothing.
 SAVE_UNCHANGED_EVERY_S = 600.0
@@ -85,6 +90,7 @@ class PostProcessor:
         self._pending: list[_Point] = []
         self._pending_reasons: list[str] = []
         self._pre: _Point | None = self._load()
+        self._recent: deque[_Point] = deque([self._pre] if self._pre is not None else [])  # good values, oldest first
         self._saved_time = self._pre.time if self._pre is not None else float("-inf")
 
     @property
@@ -143,9 +149,10 @@ class PostProcessor:
         return ""
 
     def _accept(self, point: _Point, status: str, reason: str = "") -> Outcome:
-        rate = None  # after a recovery the old value was wrong, so a rate against it would be too
-        if self._pre is not None and point.time > self._pre.time and status != "recovered":
-            rate = (point.value - self._pre.value) / ((point.time - self._pre.time) / 60.0)
+        if status in ("recovered", "set", "initial") or (self._recent and point.time <= self._recent[-1].time):
+            self._recent.clear()  # the old values were wrong, replaced or stale, or the clock went back
+        rate = self._rate(point)
+        self._recent.append(point)
         changed = self._pre is None or point.value != self._pre.value
         self._pre = point
         self._pending.clear()
@@ -155,6 +162,15 @@ class PostProcessor:
         if reason:
             log.info("accepted %g (%s): %s", point.value, status, reason)
         return Outcome(point.time, point.value, point.value, True, status, reason, rate)
+
+    def _rate(self, point: _Point) -> float | None:
+        """Units per minute from the window's anchor (see RATE_WINDOW_S) to `point`; None without one."""
+        while len(self._recent) > 1 and self._recent[1].time <= point.time - RATE_WINDOW_S:
+            self._recent.popleft()
+        if not self._recent or point.time <= self._recent[0].time:
+            return None
+        anchor = self._recent[0]
+        return (point.value - anchor.value) / ((point.time - anchor.time) / 60.0)
 
     def _stale(self, now: float) -> str:
         if self._pre is None:
@@ -197,7 +213,8 @@ class PostProcessor:
                 self._pending_reasons.clear()
                 reason = "; ".join(filter(None, (
                     f"{point.value:g} is within jitter {self.jitter:g} below {self._pre.value:g}; kept", note)))
-                return Outcome(now, point.value, self._pre.value, True, "jitter", reason, 0.0)
+                return Outcome(now, point.value, self._pre.value, True, "jitter", reason,
+                               self._rate(_Point(self._pre.value, now)))
             return self._accept(point, "ok", note)
 
     def _reject(self, point: _Point, problem: str) -> Outcome:
