@@ -64,12 +64,14 @@ def test_int8_stays_within_the_gate_of_float(measured: dict) -> None:
     assert measured["float"]["rolling_within_0.2"] - measured["int8"]["rolling_within_0.2"] <= 0.005
 
 
+@pytest.mark.xfail(strict=True, reason="issue 4's rolling aim (98% within ±0.2) is missed by a hair on the 7 test "
+                   "meters (int8 97.98%; watermeter/pp 89.1%). It read 98.19% while an 8th test meter, watermeter2, "
+                   "turned out to be in training under new/ and was moved there; strict, so reaching it fails this marker")
 def test_int8_reaches_the_rolling_aim_on_unseen_meters(measured: dict) -> None:
-    """Met since the shipped model became a 2-seed ensemble (97.74% -> 98.19% within ±0.2)."""
     assert measured["int8"]["rolling_within_0.2"] >= AIMS["rolling_within_0.2"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4's whole-digit aim is not reached yet on the test meters (int8 98.60%, "
+@pytest.mark.xfail(strict=True, reason="issue 4's whole-digit aim is not reached yet on the test meters (int8 98.46%, "
                    "8 misses: lcd/lcd_pb 4, watermeter/pp 4; models/meter-digits/report.md); strict, so reaching it "
                    "fails this marker and it must be removed")
 def test_int8_reaches_the_whole_digit_aim_on_unseen_meters(measured: dict) -> None:

@@ -37,11 +37,14 @@ NOT_A_DIGIT = "10"
 # whole meters of every kind the data set has (wheel water, power and gas meters, LCD counters)
 # and of different sizes/fonts; the big groups (ISKRA, `new`, the iotson gas/power meters) stay in
 # training. Chosen from the group list (kinds, sizes, image counts) before any model was trained.
+# `watermeter/Unknown/iotson/watermeter2` was a test meter until a review found the same meter in `new/`
+# (146 crops of its unique 49x27 size, its file naming and wheel readings, thumbnails correlating up to
+# 0.985): it is a training meter now, and a test checks that no test or validation crop has a near-copy
+# in training.
 TEST_GROUPS: tuple[str, ...] = (
     "watermeter/Wasser_Geraete_GmbH",
     "watermeter/pp",
     "watermeter/Unknown/abl",
-    "watermeter/Unknown/iotson/watermeter2",
     "powermeter/unknown/miboe",
     "powermeter/Landis+Gyr - MM2600JH",
     "powermeter/LandisGyrT330_C",
