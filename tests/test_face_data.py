@@ -14,6 +14,8 @@ from device.face import CROP_TO_BOX, crop_face
 from device.images import ImageError
 from training.datasets.lfw import (
     EVAL_FOLDS,
+    LFW_DUPLICATE_IMAGES,
+    LFW_SAME_PERSON,
     find_faces_dir,
     find_pairs_file,
     list_people,
@@ -91,7 +93,24 @@ def test_split_is_identity_disjoint(lfw):
     # No evaluation image can reach training: every eval-pair image belongs to an evaluation person.
     assert all(n in evaluation for p in split.eval_pairs for n in (p.name1, p.name2))
     assert all(n not in evaluation for p in split.validation_pairs for n in (p.name1, p.name2))
-    assert train | validation | evaluation == set(people)
+    assert train | validation | evaluation == set(people) - set(LFW_SAME_PERSON) - {"Richard_Lugar"}
+
+
+def test_lfw_errata_never_reach_training_or_the_cohort(lfw):
+    """Photos filed under a second name and a person filed under two names (found by nearest-neighbour search
+    of every evaluation image in training): the evaluation side keeps them, the training side never sees them."""
+    people, _, split = lfw
+    training = split.training_images(people)
+    trained_keys = {k for images in training.values() for k in images}
+    assert not trained_keys & set(LFW_DUPLICATE_IMAGES) and all(training.values())  # nobody left without a photo
+    owners = {k.rsplit("_", 1)[0] for k in LFW_DUPLICATE_IMAGES}  # training people, apart from the errata
+    assert owners <= set(people) - set(split.eval_people) - set(split.validation_people)
+    assert "Richard_Lugar" not in split.train_people  # his one photo is John Sununu's
+    for alias, name in LFW_SAME_PERSON.items():
+        assert name in split.eval_people and alias in people and alias not in split.train_people
+    assert sum(len(v) for v in training.values()) == \
+        sum(len(people[n]) for n in split.train_people) - sum(k.rsplit("_", 1)[0] in split.train_people
+                                                                for k in LFW_DUPLICATE_IMAGES)
 
 
 def test_metrics_on_a_hand_checkable_example():
@@ -106,6 +125,10 @@ def test_metrics_on_a_hand_checkable_example():
     result = tar_at_far(distances, same, 0.34)
     assert result["threshold"] == pytest.approx(0.45) and result["tar"] == pytest.approx(2 / 3)
     assert threshold_at_far(np.array([0.3, 0.6, 0.9]), 0.0) < 0.3
+    # Ties across the line are refused together: 40% of five allows two, but the four at 1.0 are one distance.
+    tied = np.array([1.0, 1.0, 1.0, 1.0, 2.0])
+    assert np.mean(tied <= threshold_at_far(tied, 0.4)) == 0.0
+    assert threshold_at_far(np.array([0.5, 1.0, 1.0, 1.0, 2.0]), 0.4) == pytest.approx(0.75)
     # Folds 1 and 2 each hold one same and one different pair.
     folds = np.array([1, 1, 2, 2])
     d = np.array([0.2, 0.4, 0.3, 0.8])

@@ -66,12 +66,24 @@ def test_int8_within_gate_of_float_on_eval_pairs(bundle, eval_set, embeddings):
     assert np.mean(np.sum(embeddings["float"][1] * embeddings["int8"][1], axis=1)) > 0.95
 
 
-def test_manifest_thresholds_are_the_int8_models(bundle, eval_set, embeddings):
+@pytest.fixture(scope="module")
+def calibration(data_dir, bundle, eval_set, embeddings):
+    """The validation people's images (the thresholds' calibration set) embedded by each variant."""
     from converter.face import PairSet
+    from training.face.data import validation_set
 
-    split, keys, _ = eval_set
-    embedder, int8 = embeddings["int8"]
-    recalibrated, details = PairSet(split.eval_pairs, keys).thresholds(int8)
+    split, _, _ = eval_set
+    validation = validation_set(split, list_people(find_faces_dir(data_dir)))
+    assert not {k.rsplit("_", 1)[0] for k in validation.keys} & set(split.eval_people)
+    vectors = {v: np.stack([embeddings[v][0].embed(c) for c in validation.crops]) for v in ("float", "int8")}
+    return PairSet(split.validation_pairs, validation.keys), vectors
+
+
+def test_manifest_thresholds_are_the_int8_models(bundle, calibration, embeddings):
+    """Recomputed from scratch through the device API on the calibration (validation) people."""
+    calibrate, vectors = calibration
+    embedder, _ = embeddings["int8"]
+    recalibrated = calibrate.thresholds(vectors["int8"])
     assert set(bundle.thresholds) == {"far_0.1pct", "far_0.001pct", "best_accuracy"}
     for name, value in recalibrated.items():
         assert bundle.thresholds[name] == pytest.approx(value, abs=1e-5)
@@ -108,19 +120,21 @@ def test_a_threshold_calibrated_on_some_strangers_holds_for_others(eval_set, emb
     assert all(value <= 0.003 for value in far.values()), far
 
 
-def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle, eval_set, embeddings):
-    """The cohort file and score thresholds the device loads reproduce the converter's calibration, and the
-    normalised score accepts more genuine pairs than the raw distance at the same FAR over all impostor pairs."""
+def test_normalised_thresholds_are_the_int8_models_and_beat_raw_distance(bundle, eval_set, embeddings, calibration):
+    """The cohort file and score thresholds the device loads reproduce the converter's calibration, and on the
+    evaluation people the normalised score accepts more genuine pairs than the raw distance at the same FAR."""
     from converter.face import PairSet
 
     split, keys, _ = eval_set
     embedder, int8 = embeddings["int8"]
     assert embedder.cohort is not None and len(embedder.cohort.vectors) == len(split.train_people)
     pairs = PairSet(split.eval_pairs, keys)
-    recalibrated, details = pairs.normalised(int8, embedder.cohort)
+    calibrate, vectors = calibration
+    recalibrated = calibrate.score_thresholds(vectors["int8"], embedder.cohort)
     for name, value in recalibrated.items():
         assert embedder.score_threshold(name) == pytest.approx(value, abs=1e-4)
-    raw = pairs.thresholds(int8)[1]
+    details = pairs.check_normalised(int8, embedder.cohort, recalibrated)
+    raw = pairs.check(int8, calibrate.thresholds(vectors["int8"]))
     for name in ("far_0.1pct", "far_0.001pct"):
         assert details[name]["tar_on_pairs"] > raw[name]["tar_on_pairs"], name
     assert details["pairs_report"]["auc"] > bundle.manifest["metrics"]["int8"]["auc"]

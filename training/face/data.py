@@ -61,8 +61,9 @@ class FaceSet:
 
 def training_set(split: Split, people: dict, versions: int) -> FaceSet:
     """Every image of every training person, in `versions` versions (0 = the original)."""
+    images = split.training_images(people)
     items = [(label, key, path) for label, name in enumerate(split.train_people)
-             for key, path in people[name].items()]
+             for key, path in images[name].items()]
     originals = load_faces([path for _, _, path in items])
     return versioned(originals, np.array([label for label, _, _ in items]), [key for _, key, _ in items], versions)
 

@@ -76,15 +76,17 @@ def roc_auc(distances: np.ndarray, same: np.ndarray) -> float:
 def threshold_at_far(impostor_distances: np.ndarray, far: float) -> float:
     """Largest threshold that accepts at most `far` of the impostor (different-person) pairs.
 
-    With n impostors it accepts floor(far * n) of them; the threshold sits halfway to the next impostor
-    so that float noise cannot move a pair across it.
+    With n impostors it accepts floor(far * n) of them (fewer where distances tie across that line); the
+    threshold sits halfway to the next impostor so that float noise cannot move a pair across it.
     """
     ordered = np.sort(np.asarray(impostor_distances, dtype=np.float64))
     allowed = int(np.floor(far * len(ordered) + 1e-9))
     if allowed >= len(ordered):
         return float(ordered[-1])
     upper = ordered[allowed]
-    lower = ordered[allowed - 1] if allowed > 0 else upper - 1e-3
+    # Impostors tied with the first refused one are refused with it: the FAR may fall under `far`, never over.
+    first_refused = int(np.searchsorted(ordered, upper, side="left"))
+    lower = ordered[first_refused - 1] if first_refused > 0 else upper - 1e-3
     return float((lower + upper) / 2)
 
 

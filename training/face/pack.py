@@ -62,7 +62,8 @@ def write_pack(path: Path, people: dict, split: Split, versions: int, cache: Tea
                embed: Callable[[np.ndarray], np.ndarray] | None, workers: int = 1) -> Path:
     """Write the pack; teacher embeddings missing from `cache` are computed with `embed` (in `workers`
     processes), or with `embed=None` are an error naming the install command."""
-    items = [(label, key, file) for label, name in enumerate(split.train_people) for key, file in people[name].items()]
+    images = split.training_images(people)
+    items = [(label, key, file) for label, name in enumerate(split.train_people) for key, file in images[name].items()]
     keys = [key for _, key, _ in items]
     labels = np.array([label for label, _, _ in items], np.int32)
     originals = load_faces([file for _, _, file in items])
