@@ -164,7 +164,7 @@ def bench_meter(bundles: list[Path], runs: int = 50, threads: tuple[int, ...] = 
             continue
         for variant in bundle.variants():
             for n in threads:
-                model = MeterDigitModel(Model(bundle.model_path(variant), threads=n), bundle.preprocessing)
+                model = MeterDigitModel(bundle.model(variant, threads=n), bundle.preprocessing)
                 rows.append({"bundle": root.name, "variant": variant, "threads": n,
                              **batch_latency_ms(model, runs=runs)})
     if not rows:
