@@ -138,6 +138,23 @@ def embeddings(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, spec: dic
     return np.stack([embedding(o, m) for o, m in zip(outputs, mirrored)])
 
 
+def threshold_at_far(impostor_distances: np.ndarray, far: float) -> float:
+    """Largest threshold that accepts at most `far` of the impostor (different-person) pairs.
+
+    With n impostors it accepts floor(far * n) of them (fewer where distances tie across that line); the
+    threshold sits halfway to the next impostor so that float noise cannot move a pair across it.
+    """
+    ordered = np.sort(np.asarray(impostor_distances, dtype=np.float64))
+    allowed = int(np.floor(far * len(ordered) + 1e-9))
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    upper = ordered[allowed]
+    # Impostors tied with the first refused one are refused with it: the FAR may fall under `far`, never over.
+    first_refused = int(np.searchsorted(ordered, upper, side="left"))
+    lower = ordered[first_refused - 1] if first_refused > 0 else upper - 1e-3
+    return float((lower + upper) / 2)
+
+
 @dataclass
 class Cohort:
     """Adaptive symmetric score normalisation (AS-norm) against faces of people nobody enrolls.

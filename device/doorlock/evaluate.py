@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from device.doorlock.decide import Gallery
-from device.face import Cohort
+from device.face import Cohort, threshold_at_far
 
 Embed = Callable[[np.ndarray], np.ndarray]
 
@@ -119,15 +119,5 @@ def threshold_for_far(data: Embedded, far: float, cohort: Cohort | None = None) 
         for vectors in data.strangers:
             _, distances, scores = gallery.best(vectors)
             best.append(distances if cohort is None else -scores)  # smaller = closer in both cases
-    ordered = np.sort(np.concatenate(best)).astype(np.float64)
-    allowed = int(far * len(ordered))
-    if allowed >= len(ordered):
-        limit = ordered[-1]
-    else:
-        # Halfway between the first refused attempt and the closest value below it, so float rounding of a
-        # single-frame match cannot cross the line. Attempts that tie with the first refused one are refused
-        # too (the line goes below all of them): the FAR may come out under `far`, never over it.
-        first_refused = int(np.searchsorted(ordered, ordered[allowed], side="left"))
-        lower = ordered[first_refused - 1] if first_refused > 0 else ordered[0] - 1e-3
-        limit = (lower + ordered[allowed]) / 2
-    return float(limit) if cohort is None else float(-limit)
+    limit = threshold_at_far(np.concatenate(best), far)  # ties at the line are refused together
+    return limit if cohort is None else -limit

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from device.face import threshold_at_far  # the device's lock calibrates with the same rule
+
 
 def pair_distances(embeddings: dict[str, np.ndarray], keys: Sequence[tuple[str, str]]) -> np.ndarray:
     """Euclidean distance of each (key1, key2) pair of unit embeddings."""
@@ -71,23 +73,6 @@ def roc_auc(distances: np.ndarray, same: np.ndarray) -> float:
     ranks = average_ranks(np.concatenate([positive, negative]))
     negative_u = ranks[len(positive):].sum() - len(negative) * (len(negative) + 1) / 2
     return float(negative_u / (len(positive) * len(negative)))
-
-
-def threshold_at_far(impostor_distances: np.ndarray, far: float) -> float:
-    """Largest threshold that accepts at most `far` of the impostor (different-person) pairs.
-
-    With n impostors it accepts floor(far * n) of them (fewer where distances tie across that line); the
-    threshold sits halfway to the next impostor so that float noise cannot move a pair across it.
-    """
-    ordered = np.sort(np.asarray(impostor_distances, dtype=np.float64))
-    allowed = int(np.floor(far * len(ordered) + 1e-9))
-    if allowed >= len(ordered):
-        return float(ordered[-1])
-    upper = ordered[allowed]
-    # Impostors tied with the first refused one are refused with it: the FAR may fall under `far`, never over.
-    first_refused = int(np.searchsorted(ordered, upper, side="left"))
-    lower = ordered[first_refused - 1] if first_refused > 0 else upper - 1e-3
-    return float((lower + upper) / 2)
 
 
 def tar_at_far(distances: np.ndarray, same: np.ndarray, far: float) -> dict[str, float]:
