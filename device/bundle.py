@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,27 @@ FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+MODELS_ENV = "EDGE_MODELS"
+_CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
 class BundleError(Exception):
     """A bundle is missing, malformed, or does not match its manifest."""
+
+
+def default_models_dir() -> Path:
+    """Folder the apps look in when no bundle path is given: $EDGE_MODELS, else the checkout's models/, else ./models.
+
+    Why three places: in a checkout (editable install, tests, CI) the shipped bundles sit next to the package; after
+    `pip install .` the package lives in site-packages where there is no models/ folder, so a device names its
+    folder once in the environment (the deploy script copies bundles to /opt/<app>/models) instead of on every
+    command line.
+    """
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV])
+    if _CHECKOUT_MODELS.is_dir():
+        return _CHECKOUT_MODELS
+    return Path("models")
 
 
 def sha256_file(path: Path) -> str:
@@ -57,7 +77,9 @@ class Bundle:
         root = path.parent if path.name == MANIFEST_NAME else path
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise BundleError(f"{root} is not a model bundle: {MANIFEST_NAME} not found")
+            hint = "" if root.exists() else (f" (the folder does not exist; give the bundle's path, or set "
+                                             f"{MODELS_ENV} to the folder that holds the bundles)")
+            raise BundleError(f"{root} is not a model bundle: {MANIFEST_NAME} not found{hint}")
         try:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

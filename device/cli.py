@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from device.bundle import Bundle, BundleError
+from device.bundle import Bundle, BundleError, default_models_dir
 from device.images import ImageError
 from device.runtime import ModelError
 
-DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODELS = default_models_dir()
 USER_ERRORS = (BundleError, ImageError, ModelError, OSError, ValueError)
 
 

@@ -84,3 +84,14 @@ def test_pip_install_device_extra_alone_pulls_no_tensorflow(models_dir: Path, tm
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert ": 1 " in run.stdout
+    # Installed into site-packages there is no models/ beside the package: without --bundle the tool looks in
+    # $EDGE_MODELS (how a device names its bundle folder once), and without that it says so instead of a traceback.
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_MODELS"}
+    run = subprocess.run([str(env_dir / "bin" / "read-digit"), str(digit)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env={**env, "EDGE_MODELS": str(models_dir)})
+    assert run.returncode == 0, run.stderr
+    assert ": 1 " in run.stdout
+    run = subprocess.run([str(env_dir / "bin" / "read-digit"), str(digit)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=env)
+    assert run.returncode == 2
+    assert "EDGE_MODELS" in run.stderr and "Traceback" not in run.stderr

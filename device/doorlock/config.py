@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from device.bundle import default_models_dir
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 on older Raspberry Pi OS
@@ -33,7 +35,7 @@ class CameraConfig:
 
 @dataclass
 class ModelConfig:
-    bundle: Path = Path("models/face")
+    bundle: Path = field(default_factory=lambda: default_models_dir() / "face")
     variant: str = "int8"
     threads: int = 0  # 0 = all cores
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device.bundle import default_models_dir
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -341,7 +343,7 @@ def load_config(path: str | Path) -> MeterConfig:
                           "are configured")
 
     model = root.table("model") or _Table({}, "model", path)
-    default_bundle = Path(__file__).resolve().parents[2] / "models" / "meter-digits"
+    default_bundle = default_models_dir() / "meter-digits"
     bundle = model.path("bundle", str(default_bundle))
     variant = model.get("variant", str, "int8", choices=("int8", "float"))
     threads = model.get("threads", int, None, lo=1)
