@@ -125,3 +125,23 @@ def test_set_value_waits_for_the_frame_being_checked(service, monkeypatch) -> No
     setter.join(5)
     assert (meter.latest()["value"], meter.latest()["status"]) == (5000.0, "set")
     assert meter.post.prevalue[0] == 5000.0
+
+
+def test_a_clock_jumping_years_ahead_does_not_purge_the_history(tmp_path: Path, service, monkeypatch) -> None:
+    """Purging by age trusted the wall clock: one reading stamped years ahead deleted the whole history."""
+    meter, reference = service
+    for i in range(3):
+        meter.step(distort(reference, seed=i), timestamp=NOW + 60 * i)
+    assert meter.history.keep_rows == int(365 * 86400 / 60)  # the readings a year holds at the 60 s interval
+    jump = NOW + 5 * 365 * 86400
+    monkeypatch.setattr(time, "time", lambda: jump)  # the clock the purge reads
+    meter.step(distort(reference, seed=3), timestamp=jump)
+    assert len(meter.history.recent()) == 4
+    from device.meter.history import History
+    from device.meter.postprocess import Outcome
+
+    small = History(tmp_path / "small.sqlite", keep_days=1, keep_rows=2)  # what still goes: beyond the newest rows
+    for t in (NOW, NOW + 1, NOW + 2, jump):
+        small.add(Outcome(timestamp=t, raw=1.0, value=1.0, accepted=True, status="ok"))
+    assert [r["time"] for r in small.recent()] == [jump, NOW + 2]
+    small.close()

@@ -37,11 +37,13 @@ _COLUMNS = ("id", "time", "raw", "value", "accepted", "status", "reason", "rate"
 class History:
     """Append-only reading log with simple queries; `path` may be ":memory:" for a throwaway log."""
 
-    def __init__(self, path: str | Path, keep_days: float = 365.0):
+    def __init__(self, path: str | Path, keep_days: float = 365.0, keep_rows: int | None = None):
+        """`keep_rows`: the newest rows that are never purged, whatever the clock says (see `add`)."""
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.keep_days = keep_days
+        self.keep_rows = keep_rows
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         with self._lock:
@@ -50,7 +52,12 @@ class History:
             self._db.commit()
 
     def add(self, outcome: Outcome, details: dict[str, Any] | None = None) -> int:
-        """Store one outcome (plus e.g. wheel values and alignment quality); old rows beyond keep_days go."""
+        """Store one outcome (plus e.g. wheel values and alignment quality); old rows beyond keep_days go.
+
+        Age is judged by the wall clock, which can jump (a Pi without a real-time clock, a bad NTP answer): a
+        clock years ahead would make every row "old". So the newest `keep_rows` rows, counted by insertion order
+        rather than by time, are never purged; the service sets it to the readings `keep_days` holds.
+        """
         with self._lock:
             try:
                 cursor = self._db.execute(
@@ -58,7 +65,12 @@ class History:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (outcome.timestamp, outcome.raw, outcome.value, int(outcome.accepted), outcome.status,
                      outcome.reason, outcome.rate, json.dumps(details) if details else None))
-                self._db.execute("DELETE FROM readings WHERE time < ?", (time.time() - self.keep_days * 86400,))
+                cutoff = time.time() - self.keep_days * 86400
+                if self.keep_rows is None:
+                    self._db.execute("DELETE FROM readings WHERE time < ?", (cutoff,))
+                else:  # no row when fewer than keep_rows exist: `id <= NULL` deletes nothing
+                    self._db.execute("DELETE FROM readings WHERE time < ? AND id <= (SELECT id FROM readings "
+                                     "ORDER BY id DESC LIMIT 1 OFFSET ?)", (cutoff, int(self.keep_rows)))
                 self._db.commit()
             except sqlite3.Error:
                 self._db.rollback()  # a locked or full database: leave no half-open transaction behind

@@ -39,7 +39,9 @@ class MeterService:
         self.reader = reader or MeterReader.from_config(config)
         self.clock = clock
         self.post = PostProcessor(config.postprocess, config.resolution, clock)
-        self.history = History(config.history, config.history_keep_days) if config.history else None
+        # the readings keep_days holds at this interval: a clock jump cannot purge more than that
+        keep_rows = int(config.history_keep_days * 86400 / max(config.interval_s, 1.0))
+        self.history = History(config.history, config.history_keep_days, keep_rows) if config.history else None
         self.mqtt: Any = None
         self.http: Any = None
         self._lock = threading.Lock()  # guards _state (read by the HTTP thread)
