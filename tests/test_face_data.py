@@ -139,6 +139,8 @@ def test_metrics_on_a_hand_checkable_example():
     assert cross["mean"] == 0.75 and cross["std"] == 0.25
     report = verification_report(d, s, folds)
     assert report["pairs"] == 4 and report["auc"] == 1.0
+    with pytest.raises(ValueError, match="at least 2 folds"):  # was an IndexError from an empty "other folds"
+        verification_report(d[:2], s[:2], folds[:2])
 
 
 def test_all_pairs_metrics_on_a_hand_checkable_example():

@@ -42,6 +42,9 @@ def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, floa
 
 def cross_fold_accuracy(distances: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
     """Per fold: threshold chosen on the other folds, accuracy on this one. Mean ± std (population) over folds."""
+    if len(np.unique(folds)) < 2:
+        raise ValueError("cross-fold accuracy needs pairs from at least 2 folds (the threshold of each fold is "
+                         "chosen on the others); use best_threshold for one fold, knowing it is in sample")
     per_fold = {}
     for fold in np.unique(folds):
         test = folds == fold

@@ -208,7 +208,7 @@ def teacher_targets(crops: np.ndarray, cache_dir: Path, cached_only: bool = Fals
 def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs: int = 30, versions: int = 9,
           p: int = 32, k: int = 4, learning_rate: float = 2e-3, patience: int = 8, data_dir: str | Path | None = None,
           cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
-          evaluate: bool = True, cached_teacher_only: bool = False, teacher_workers: int = 1,
+          evaluate: bool = False, cached_teacher_only: bool = False, teacher_workers: int = 1,
           init: Path | None = None, pack: Path | None = None, width: int | None = None,
           input_size: int | None = None) -> Path:
     """Train one recipe; keep the weights of the epoch with the best balanced accuracy over all validation
@@ -221,6 +221,8 @@ def train(out: Path, recipe: str = "distill+triplet", arch: str = "edge", epochs
     training pack (see pack.py) instead of the data folder and the teacher cache; it holds no evaluation
     images, so the run is evaluated by the converter only. `width` (edge net) and `input_size` (pixels
     per side, default FACE_SPEC's) size the model; the bundle records the input size it was trained at.
+    `evaluate` also measures the evaluation folds (the recipe table asks for them); off by default, so a
+    training run shows only the validation people it selects on, and the converter measures what ships.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
@@ -351,7 +353,7 @@ def compare_recipes(out: Path, recipes: list[str], epochs: int, arch: str = "edg
     rows = json.loads(table.read_text()) if table.is_file() else []
     for recipe in recipes:
         run = out / (recipe.replace("+", "_") + ("" if arch == "edge" else f"-{arch}"))
-        train(run, recipe=recipe, epochs=epochs, arch=arch, **kwargs)
+        train(run, recipe=recipe, epochs=epochs, arch=arch, evaluate=True, **kwargs)
         info = json.loads((run / "train_info.json").read_text())
         ev = info["keras_eval"]
         rows = [r for r in rows if (r["recipe"], r["arch"]) != (recipe, arch)]
