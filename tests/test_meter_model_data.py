@@ -91,6 +91,30 @@ def test_copies_under_other_names_are_merged_into_one_meter(dataset) -> None:
     assert "powermeter/ISKRA T3F-01S1" not in all_groups and "lcd" not in all_groups
 
 
+def test_a_copy_filed_under_a_training_name_keeps_a_test_meter_in_test(data_dir: Path, tmp_path: Path) -> None:
+    """Merging kept the longer name: one crop of test meter pp copied to `pp_copy_from_forum/` moved pp into training."""
+    source = sorted((data_dir / "meter-digits" / "collected" / "watermeter" / "pp").rglob("*.jpg"))[:3]
+    collected = tmp_path / "meter-digits" / "collected" / "watermeter"
+    for folder, files in (("pp", source), ("pp_copy_from_forum", source[:1])):
+        (collected / folder).mkdir(parents=True)
+        for f in files:
+            (collected / folder / f.name).write_bytes(f.read_bytes())
+    loaded = load_meter_digits(tmp_path)
+    assert loaded.splits["test"].groups == ["watermeter/pp"] * 3 and not loaded.splits["train"].groups
+    assert loaded.merged == {"watermeter/pp": ["watermeter/pp_copy_from_forum"]}
+
+
+def test_grey_crops_load_as_three_channels(data_dir: Path, tmp_path: Path) -> None:
+    """A grey JPEG (an IR camera's crop) stopped training: augmentation scales three channels."""
+    crop = sorted((data_dir / "meter-digits" / "collected" / "watermeter" / "pp").rglob("*.jpg"))[0]
+    folder = tmp_path / "meter-digits" / "collected" / "watermeter" / "ir_camera"
+    folder.mkdir(parents=True)
+    grey = cv2.cvtColor(cv2.imread(str(crop)), cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(folder / crop.name), grey)
+    image = load_meter_digits(tmp_path).splits["train"].images[0]
+    assert image.shape == (*grey.shape, 3) and np.array_equal(image[..., 1], cv2.imread(str(folder / crop.name), 0))
+
+
 def test_lcd_bare_integers_are_whole_digits(dataset) -> None:
     test = dataset.splits["test"]
     lcd = np.array([g == "lcd/lcd_pb" for g in test.groups])

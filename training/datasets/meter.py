@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from device.images import load_image
@@ -125,9 +126,6 @@ class MeterDataset:
     not_a_digit: int
     merged: dict[str, list[str]]
 
-    def group_sizes(self) -> dict[str, dict[str, int]]:
-        return {name: dict(sorted(Counter(crops.groups).items())) for name, crops in self.splits.items()}
-
 
 class _Groups:
     """Union-find over group names: groups sharing an identical image become one."""
@@ -143,8 +141,10 @@ class _Groups:
         return g
 
     def union(self, a: str, b: str) -> None:
-        ra, rb = sorted((self.find(a), self.find(b)), key=lambda g: (-len(g), g))
-        self.parent[rb] = ra  # keep the longer (more specific) name, e.g. the meter over `lcd`
+        # Keep a test or validation meter's name (a copy of one of its crops filed elsewhere must not move the
+        # meter into training), else the longer (more specific) name, e.g. the meter over `lcd`.
+        ra, rb = sorted((self.find(a), self.find(b)), key=lambda g: (SPLITS[::-1].index(split_of(g)), -len(g), g))
+        self.parent[rb] = ra
 
 
 def meter_root(data_dir: str | Path | None = None) -> Path:
@@ -197,7 +197,9 @@ def load_meter_digits(data_dir: str | Path | None = None, splits: tuple[str, ...
         if split not in result:
             continue
         crops = result[split]
-        crops.images.append(load_image(path))
+        image = load_image(path)
+        # a grey JPEG (an IR camera's crop) as three equal channels, the model's RGB input
+        crops.images.append(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image)
         crops.values.append(value)
         crops.groups.append(group)
         crops.paths.append(path.relative_to(root).as_posix())
