@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from training.datasets import DataNotFoundError
 from training.datasets.meter import (
@@ -164,3 +165,19 @@ def test_lcd_groups_exist_and_blank_positions_lose_their_segments(dataset) -> No
     assert changed.any() and not (changed & ~in_lcd).any()  # wheels are never blanked
     assert (values[changed] == 0.0).all()
     np.testing.assert_array_equal(values[~changed], crops.labels[chosen][~changed])
+
+
+def test_training_on_a_collection_without_the_fixed_meters_or_with_a_corrupt_crop_says_so(
+        data_dir: Path, tmp_path: Path) -> None:
+    """A user's own collected/ folder crashed inside Keras (empty validation), a truncated JPEG with a traceback."""
+    crops = sorted((data_dir / "meter-digits" / "collected" / "watermeter" / "pp").rglob("*.jpg"))[:20]
+    folder = tmp_path / "meter-digits" / "collected" / "mymeter"
+    folder.mkdir(parents=True)
+    for f in crops:
+        (folder / f.name).write_bytes(f.read_bytes())
+    run = run_cli("-m", "training", "meter", "--data-dir", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "no validation crops" in run.stderr and "watermeter/altair/alkr" in run.stderr
+    assert "Traceback" not in run.stderr
+    (folder / "5.0_broken.jpg").write_bytes(crops[0].read_bytes()[:40])
+    run = run_cli("-m", "training", "meter", "--data-dir", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "5.0_broken.jpg" in run.stderr and "Traceback" not in run.stderr

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from device.images import ImageError
 from training.datasets import DATA_ENV, DataNotFoundError
 
 
@@ -195,6 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataNotFoundError, ValueError) as exc:
+    except (DataNotFoundError, ImageError, ValueError) as exc:  # ImageError: a corrupt file in the data
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from keras import layers
 
 from device.meter.model import CLASSES, METER_SPEC, circular_distance, crop_to_input, decode
 from training.common import count_macs, save_run, seed_everything, toolchain_versions
+from training.datasets import DataNotFoundError
 from training.datasets.meter import (LCD_GROUPS, SUBDIR, TEST_GROUPS, VALIDATION_GROUPS, MeterCrops,
                                      load_meter_digits)
 
@@ -294,6 +295,11 @@ def train(out: Path, epochs: int = 30, batch: int = 64, width: int = 24, data_di
     print("loading meter digit crops …", flush=True)
     data = load_meter_digits(data_dir, splits=("train", "validation"))
     train_crops, val_crops = data.splits["train"], data.splits["validation"]
+    for name, crops, where in (("training", train_crops, "any other folder"),
+                               ("validation", val_crops, ", ".join(VALIDATION_GROUPS))):
+        if not len(crops):
+            raise DataNotFoundError(f"no {name} crops under {data.root} (the {name} meters are: {where}); "
+                                    "the split is fixed by meter folder, see training/datasets/meter.py")
     if with_validation:
         train_crops = train_crops + val_crops
     x_val, y_val = inputs(val_crops.images), val_crops.labels
