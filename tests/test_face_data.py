@@ -29,6 +29,7 @@ from training.face.metrics import (
     balanced_accuracy,
     best_threshold,
     cross_fold_accuracy,
+    resolved_tar_at_far,
     roc_auc,
     tar_at_far,
     threshold_at_far,
@@ -139,6 +140,9 @@ def test_metrics_on_a_hand_checkable_example():
     assert cross["mean"] == 0.75 and cross["std"] == 0.25
     report = verification_report(d, s, folds)
     assert report["pairs"] == 4 and report["auc"] == 1.0
+    # Two different pairs cannot show a FAR of 1%: no TAR "at 1%" (it was the TAR at zero false accepts).
+    assert report["tar_far_1pct"] is None and report["tar_far_0.1pct"] is None
+    assert resolved_tar_at_far(np.tile(d, 50), np.tile(s, 50), 0.01) == 1.0  # 100 different pairs resolve 1%
     with pytest.raises(ValueError, match="at least 2 folds"):  # was an IndexError from an empty "other folds"
         verification_report(d[:2], s[:2], folds[:2])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,25 @@ def save_run(out: Path, model: keras.Model, history: dict[str, list[float]], inf
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return model_path
+
+
+class StepLog(keras.callbacks.Callback):
+    """One progress line every `every_s` seconds during an epoch, for runs whose output goes to a log file.
+
+    Keras' progress bar needs a terminal and `verbose=2` prints only at the end of an epoch, which on 2 CPU
+    cores can be 20+ minutes of silence: a run that looks hung gets killed.
+    """
+
+    def __init__(self, steps: int, every_s: float = 60.0):
+        super().__init__()
+        self.steps, self.every_s = steps, every_s
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = self.last = time.time()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.time()
+        if now - self.last >= self.every_s:
+            self.last = now
+            loss = f", loss {float(logs['loss']):.4f}" if logs and "loss" in logs else ""
+            print(f"  step {batch + 1}/{self.steps}{loss} ({now - self.started:.0f} s)", flush=True)

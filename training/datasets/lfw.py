@@ -4,7 +4,8 @@ Reads three layouts, all `<Name>/<Name>_NNNN.jpg`:
 - `faces/lfw-crop-gray-128` under the data root (grey 128x128 crops of the centre of LFW; the default);
 - a standard LFW folder (`lfw/`, `lfw-deepfunneled/`, 250x250 colour): the same central 118 px are cut
   out and resized, so every source looks like the crops the device makes with `device.face.crop_face`;
-- any `<person>/<images>` folder of face crops (resized to 128x128 grey).
+- any `<person>/<images>` folder of face crops (resized to 128x128 grey), for benchmarks and the door
+  lock's tests. Training and the converter follow pairs.txt, so they need LFW's people and file names.
 
 The split is by identity, never by image: a face model evaluated on people it was trained on measures
 memory, not verification. Evaluation people are everyone named in the evaluation folds' pairs; they are

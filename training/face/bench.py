@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    paths = [path for images in people.values() for path in images.values()][:: max(1, 12794 // args.crops)]
+    paths = [path for images in people.values() for path in images.values()]
+    paths = paths[:: max(1, len(paths) // args.crops)]  # spread over people, not the first few
     crops = load_faces(paths[: args.crops], progress=False)
     rows = []
     for variant in ("int8", "float"):

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 from keras import layers
 
-EMBEDDING_SIZE = 128
+from training.teacher import EMBEDDING_SIZE  # the student reproduces the teacher's 128-D embedding
 
 
 @keras.saving.register_keras_serializable(package="edge_face")
