@@ -263,7 +263,12 @@ class FaceEmbedder:
         return float(np.linalg.norm(unit(a) - unit(b)))
 
     def threshold(self, name: str = "far_0.1pct") -> float:
-        """Distance threshold from the manifest: "far_0.1pct" (strict, for unlocking) or "best_accuracy"."""
+        """Distance threshold from the manifest, calibrated on people the model never saw.
+
+        "far_0.1pct": one comparison lets in about 0.1% of strangers (1:1 verification, `compare`'s default);
+        "far_0.001pct": for matching against a gallery, where a stranger meets every enrolled face (the door
+        lock); "best_accuracy": the most accurate split of same/different pairs, never for access control.
+        """
         if name not in self.thresholds:
             raise BundleError(f"no threshold '{name}' for the {self.variant} model; "
                               f"available: {', '.join(sorted(self.thresholds))}")
