@@ -97,3 +97,18 @@ def test_cli_help_and_clear_errors(tmp_path: Path) -> None:
     no_data = run_cli("-m", "training", "digits", "--data-dir", str(tmp_path), "--epochs", "1",
                       env={"HOME": str(tmp_path)})
     assert no_data.returncode == 2 and "MNIST not found" in no_data.stderr and "Traceback" not in no_data.stderr
+
+
+def test_validation_split_reports_every_epoch_on_held_out_training_images(tmp_path: Path, data_dir: Path) -> None:
+    """Settings were compared on the test split (a review finding): --validation holds out training images."""
+    import json
+
+    run = run_cli("-m", "training", "digits", "--arch", "seed", "--epochs", "1", "--subset", "2000",
+                  "--validation", "1000", "--data-dir", str(data_dir), "--out", str(tmp_path), "--quiet")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "val_accuracy" in run.stdout  # Keras' per-epoch line
+    info = json.loads((tmp_path / "train_info.json").read_text())
+    assert info["train_images"] == 2000 and info["validation_images"] == 1000
+    assert 0.5 < info["validation_accuracy"] <= 1.0  # one epoch on 2,000 images already reads most digits
+    bad = run_cli("-m", "training", "digits", "--validation", "60000", "--data-dir", str(data_dir))
+    assert bad.returncode == 2 and "--validation must be" in bad.stderr

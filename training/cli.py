@@ -22,6 +22,7 @@ def _digits(args: argparse.Namespace) -> int:
         subset=args.subset,
         seed=args.seed,
         verbose=2 if args.quiet else 1,
+        validation=args.validation,
     )
     print(f"saved {path}")
     return 0
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
     p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke runs)")
+    p.add_argument("--validation", type=int, default=0, metavar="N",
+                   help="hold out the last N training images and report accuracy on them every epoch: compare "
+                        "settings on these, never on the test split; the shipped models use 0 (all 60k)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"data directory holding mnist/ (default: ${DATA_ENV}, else ../shared/data beside the project)")

@@ -106,15 +106,21 @@ def train(
     seed: int = 1,
     augmented: bool | None = None,
     verbose: int = 2,
+    validation: int = 0,
 ) -> Path:
     """Train one architecture and save it with its history; returns the `.keras` path.
 
-    `subset` trains on the first N training images only (for quick smoke runs in tests).
-    The test split is used once, at the end, never for choosing anything.
+    `subset` trains on the first N training images only (for quick smoke runs in tests). `validation` holds
+    out the last N training images and reports accuracy on them after every epoch: compare settings with
+    it, then train the shipped model on all 60k (`validation=0`). The test split is only reported, at the end.
     """
     seed_everything(seed)
     data = load_mnist(data_dir)
     x_train, y_train = normalize(data.x_train, MNIST_SPEC), data.y_train
+    if not 0 <= validation < len(x_train):
+        raise ValueError(f"--validation must be 0 … {len(x_train) - 1}, not {validation}")
+    x_val, y_val = x_train[len(x_train) - validation:], y_train[len(x_train) - validation:]
+    x_train, y_train = x_train[:len(x_train) - validation], y_train[:len(y_train) - validation]
     if subset:
         x_train, y_train = x_train[:subset], y_train[:subset]
     x_test, y_test = normalize(data.x_test, MNIST_SPEC), data.y_test
@@ -133,7 +139,8 @@ def train(
           f"{len(x_train):,} images, {epochs} epochs, augmentation {'on' if augmented else 'off'}", flush=True)
     started = time.time()
     history = model.fit(
-        make_dataset(x_train, y_train, batch, seed, augmented), epochs=epochs, verbose=verbose, shuffle=False
+        make_dataset(x_train, y_train, batch, seed, augmented), epochs=epochs, verbose=verbose, shuffle=False,
+        validation_data=(x_val, y_val) if validation else None,
     ).history
     seconds = time.time() - started
     test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
@@ -149,6 +156,8 @@ def train(
         "seed": seed,
         "augmentation": augmented,
         "train_images": len(x_train),
+        "validation_images": validation,
+        **({"validation_accuracy": float(history["val_accuracy"][-1])} if validation else {}),
         "train_seconds": round(seconds, 1),
         "keras_test_accuracy": float(test_accuracy),
         "data": {k: v for k, v in data.source.items() if k != "path"},
