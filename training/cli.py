@@ -97,8 +97,9 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="edge: MobileFaceNet-like net we ship; seed: plain conv stack reference (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping may end sooner; default: %(default)s)")
     p.add_argument("--versions", type=int, default=9,
-                   help="versions per image: 1 = originals only; each more is a seeded mirror/shift/rotation/scale/"
-                        "brightness/contrast/blur jitter, embedded by the teacher too (~11 core-minutes per 7.7k "
+                   help="versions per image: 1 = originals only; each more is a seeded shift/rotation/scale/"
+                        "brightness/contrast jitter (odd versions also mirrored, a third also blurred), embedded by "
+                        "the teacher too (~11 core-minutes per 7.7k "
                         "images, spread over --teacher-workers; default: %(default)s)")
     p.add_argument("--p", type=int, default=32, help="identities per batch (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="samples per identity in a batch (default: %(default)s)")
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="utility meter digit wheels (position in tenths) on real meter crops",
         description="Train the meter digit-wheel model: a small CNN that reads a wheel's position in tenths of a "
         "digit (100 classes, 0.0-9.9) from a 20x32 RGB crop, on the real crops in meter-digits/collected. "
-        "Trains on the training meter groups with augmentation (framing, lighting, blur, glare, noise) and "
+        "Trains on the training meter groups with augmentation (framing, lighting, blur, glare, noise, colour "
+        "channel swaps and inversion; a quarter of the LCD samples shown as a blank position, labelled 0.0) and "
         "prints whole-digit and rolling accuracy on the validation groups after every epoch; the test groups "
         "are left to the converter. Writes model.keras, history.json and train_info.json to --out.",
     )
