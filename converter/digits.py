@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
-                               write_bundle)
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_trained, markdown_table, model_pair,
+                               toolchain, write_bundle)
 from converter.tflite import to_float
 from device.preprocess import MNIST_SPEC, normalize
 from training.datasets.mnist import load_mnist
@@ -26,11 +24,10 @@ def predict_labels(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
 
 
 def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,
-                    max_drop_pp: float = 0.3, io_type: str = "int8", fix: bool = False, seed: int = 0) -> bool:
+                    max_drop_pp: float = 0.3, io_type: str = "int8", fix: bool = False, seed: int = 0,
+                    min_accuracy: float = 0.98) -> bool:
     """Build the digits bundle; returns whether it passed the gate (the CLI turns False into exit 1)."""
-    model = keras.saving.load_model(keras_path)
-    train_info_path = Path(keras_path).with_name("train_info.json")
-    train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    model, train_info = load_trained(keras_path, "digits", len(LABELS))
     data = load_mnist(data_dir)
     rng = np.random.default_rng(seed)
     calibration = normalize(data.x_train[rng.choice(len(data.x_train), representative, replace=False)], MNIST_SPEC)
@@ -47,7 +44,7 @@ def quantize_digits(keras_path: Path, out: Path, data_dir: Path | None = None, r
         return float(np.mean(predict_labels(path, x_test, "int8 TFLite") == y_test))
 
     print(f"calibrating int8 on {representative} training images and checking the gate …", flush=True)
-    gate = Gate(metric="top1", max_drop_pp=max_drop_pp)
+    gate = Gate(metric="top1", max_drop_pp=max_drop_pp, min_score=min_accuracy)
     result = quantize_with_gate(model, calibration, float(np.mean(float_pred == y_test)), top1, gate, io_type, fix)
     int8_pred = score_bytes(result.int8, lambda p: predict_labels(p, x_test, "int8 TFLite (final)"))
     comparison = compare_classifiers(y_test, float_pred, int8_pred, LABELS)

@@ -29,7 +29,7 @@ EDGETPU_OPS = frozenset(
 INTEGER_TYPES = {"int8", "uint8", "int32"}  # int32 only for biases and shape operands
 
 
-def _ops(path: Path) -> list[dict[str, Any]]:
+def op_dtypes(path: Path) -> list[dict[str, Any]]:
     """Each op with the dtypes and shapes of its tensors, read without the default XNNPACK delegate."""
     module = interpreter_module()
     resolver = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -58,7 +58,7 @@ def check_edgetpu(path: str | Path) -> dict[str, Any]:
     """Edge TPU readiness: `ready`, one entry per op with the reason it would fall back, the cut point."""
     path = Path(path)
     problems = []
-    for op in _ops(path):
+    for op in op_dtypes(path):
         reasons = []
         if op["op"] not in EDGETPU_OPS:
             reasons.append("op not supported by the Edge TPU")
@@ -70,13 +70,16 @@ def check_edgetpu(path: str | Path) -> dict[str, Any]:
             reasons.append(f"{op['max_big_dims']} dimensions larger than 1 (limit 3)")
         if reasons:
             problems.append({"index": op["index"], "op": op["op"], "reasons": reasons})
-    result: dict[str, Any] = {
-        "ready": not problems,
-        "problems": problems,
+    compiler = run_compiler(path)
+    # when the compiler is installed, its verdict counts too: it refuses models this op check lets through
+    compiled = compiler is None or compiler["returncode"] == 0
+    return {
+        "ready": not problems and compiled,
+        "problems": problems + ([] if compiled else [{"index": None, "op": "edgetpu_compiler",
+                                                      "reasons": [f"exit status {compiler['returncode']}"]}]),
         "cpu_from_op": problems[0]["index"] if problems else None,
-        "compiler": run_compiler(path),
+        "compiler": compiler,
     }
-    return result
 
 
 def run_compiler(path: Path) -> dict[str, Any] | None:

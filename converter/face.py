@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
-from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
-                               write_bundle)
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_trained, markdown_table, model_pair,
+                               toolchain, write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
 from device.face import Cohort, embeddings, face_spec
@@ -28,8 +27,8 @@ from training.face.data import pair_images, person_of, student_inputs, validatio
 from training.face.metrics import (all_pairs_report, best_threshold, matrix_report, pair_distances, threshold_at_far,
                                    verification_report)
 from training.face.train import embed_keras, load_lfw
-from training.teacher import (TeacherCache, default_workers, load_teacher, teacher_available, teacher_embeddings,
-                              teacher_model_bytes)
+from training.teacher import (EMBEDDING_SIZE, TeacherCache, default_workers, load_teacher, teacher_available,
+                              teacher_embeddings, teacher_model_bytes)
 
 FAR_STRICT = 0.001
 # A door lock compares a stranger with every enrolled embedding (~100 for a household), so its per-attempt
@@ -149,14 +148,12 @@ def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
         return None
 
 
-def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 400,
+def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,
                   max_drop_pp: float = 0.5, io_type: str = "int8", fix: bool = False, seed: int = 0,
                   cache_dir: Path = Path("build/face/teacher-eval"), recipes: Path | None = None,
-                  teacher: bool = True) -> bool:
+                  teacher: bool = True, min_accuracy: float = 0.90) -> bool:
     """Build the face bundle; returns whether int8 passed the gate (the CLI turns False into exit 1)."""
-    model = keras.saving.load_model(keras_path)
-    train_info_path = Path(keras_path).with_name("train_info.json")
-    train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    model, train_info = load_trained(keras_path, "face", EMBEDDING_SIZE)
     spec = face_spec(model.input_shape[1])  # the input size the model was trained at
     people, split = load_lfw(data_dir)
     rng = np.random.default_rng(seed)
@@ -181,7 +178,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
         return pairs.report(embed_file(path, x_eval, "int8 TFLite", spec))["accuracy_mean"]
 
     print(f"calibrating int8 on {len(calibration)} crops of training identities and checking the gate …", flush=True)
-    gate = Gate(metric="lfw_verification_accuracy", max_drop_pp=max_drop_pp)
+    gate = Gate(metric="lfw_verification_accuracy", max_drop_pp=max_drop_pp, min_score=min_accuracy)
     result = quantize_with_gate(model, calibration, float_report["accuracy_mean"], accuracy, gate, io_type, fix)
     int8_emb = score_bytes(result.int8, lambda p: embed_file(p, x_eval, "int8 TFLite (final)", spec))
     int8_report = pairs.report(int8_emb)

@@ -6,17 +6,15 @@ never saw in training), with the preprocessing the device uses (`device.meter.mo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, markdown_table, model_pair, toolchain,
-                               write_bundle)
+from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_trained, markdown_table, model_pair,
+                               toolchain, write_bundle)
 from converter.tflite import to_float
 from device.meter.model import CLASSES, METER_SPEC, ROLLING_MARGIN, TASK, MeterDigitModel, batch_latency_ms, decode
 from device.runtime import Model
@@ -40,14 +38,12 @@ def read_digits(values: np.ndarray) -> np.ndarray:
 
 def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,
                    max_drop_pp: float = 0.5, io_type: str = "int8", fix: bool = False, seed: int = 0,
-                   test_limit: int | None = None) -> bool:
+                   test_limit: int | None = None, min_accuracy: float = 0.95) -> bool:
     """Build the meter-digits bundle; returns whether it passed the gate (the CLI turns False into exit 1).
 
     `test_limit` evaluates on N random test crops only (smoke runs in tests; the shipped bundle uses all).
     """
-    model = keras.saving.load_model(keras_path)
-    train_info_path = Path(keras_path).with_name("train_info.json")
-    train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
+    model, train_info = load_trained(keras_path, "meter-digits", CLASSES)
     trained_with = train_info.get("preprocessing")
     if trained_with is not None and trained_with != METER_SPEC:
         # Calibration, evaluation and the manifest all use this code's METER_SPEC: a model trained with
@@ -76,7 +72,7 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
         return float(np.mean(read_digits(predict_positions(path, x_test[whole], "int8 TFLite")) == true_digits))
 
     print(f"calibrating int8 on {representative} training crops and checking the gate …", flush=True)
-    gate = Gate(metric="whole_digit_accuracy", max_drop_pp=max_drop_pp)
+    gate = Gate(metric="whole_digit_accuracy", max_drop_pp=max_drop_pp, min_score=min_accuracy)
     result = quantize_with_gate(model, calibration, float_score, whole_digit_accuracy, gate, io_type, fix)
     int8_values = score_bytes(result.int8, lambda p: predict_positions(p, x_test, "int8 TFLite (final)"))
     comparison = compare_classifiers(true_digits, read_digits(float_values[whole]),

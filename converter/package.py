@@ -26,6 +26,28 @@ FLOAT_FILE = "model_float.tflite"
 INT8_FILE = "model_int8.tflite"
 
 
+def load_trained(keras_path: Path, task: str, outputs: int) -> tuple[Any, dict[str, Any]]:
+    """The trained Keras model and its train_info.json, checked to be a model of `task`.
+
+    A model of another task converted by mistake would be calibrated, measured and shipped as this one (the
+    digit classifier went through the face converter as an "embedder" with negative thresholds): its
+    training record must name this task, and its output must have the size this task reads.
+    """
+    import keras
+
+    try:
+        model = keras.saving.load_model(keras_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # zip/h5 damage surfaces as any of these
+        raise ValueError(f"{keras_path} is not a readable Keras model ({exc})") from exc
+    info_path = Path(keras_path).with_name("train_info.json")
+    train_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if train_info.get("task", task) != task:
+        raise ValueError(f"{keras_path} was trained for '{train_info['task']}' (its train_info.json), not '{task}'")
+    if model.output_shape[-1] != outputs:
+        raise ValueError(f"{keras_path} outputs {model.output_shape[-1]} values; a '{task}' model outputs {outputs}")
+    return model, train_info
+
+
 def toolchain() -> dict[str, str]:
     """Versions of everything that shaped the model files."""
     import keras
@@ -67,7 +89,9 @@ def model_pair(float_bytes: bytes, int8_bytes: bytes, io_type: str) -> ModelPair
     check = score_bytes(int8_bytes, check_edgetpu)
     models = {
         "float": {"file": FLOAT_FILE, "bytes": len(float_bytes), **described[FLOAT_FILE]},
-        "int8": {"file": INT8_FILE, "bytes": len(int8_bytes), "io": io_type, "edgetpu_ready": check["ready"],
+        # io from the file itself: what was asked for is not always what a converter wrote
+        "int8": {"file": INT8_FILE, "bytes": len(int8_bytes), "io": described[INT8_FILE]["input"]["dtype"],
+                 "edgetpu_ready": check["ready"],
                  **described[INT8_FILE]},
     }
     edgetpu = {k: v for k, v in check.items() if k != "compiler"} | {"compiler_run": check["compiler"]}
@@ -85,9 +109,14 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def write_bundle(out: Path, files: dict[str, bytes], manifest: dict[str, Any], report_md: str,
                  report: dict[str, Any], passed: bool) -> Path:
-    """Write a complete bundle next to `out`, then move it into place (or to `<out>.rejected`)."""
+    """Write a complete bundle next to `out`, then move it into place (or to `<out>.rejected`).
+
+    Only an empty folder or a bundle of the same task is replaced: `--out models` by mistake would otherwise
+    delete every shipped bundle.
+    """
     out = Path(out)
     target = out if passed else out.with_name(out.name + ".rejected")
+    _check_replaceable(target, manifest["task"])
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -104,3 +133,17 @@ def write_bundle(out: Path, files: dict[str, bytes], manifest: dict[str, Any], r
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _check_replaceable(target: Path, task: str) -> None:
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    manifest = target / "manifest.json"
+    try:
+        existing = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        existing = None
+    if existing != task:
+        what = f"a '{existing}' bundle" if existing else "not a bundle"
+        raise ValueError(f"{target} exists and is {what}; refusing to replace it with a '{task}' bundle "
+                         "(give --out a bundle folder of its own, e.g. models/<name>)")

@@ -82,7 +82,8 @@ def _markdown(rows: list[dict[str, Any]], machine: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    bundles = sorted(p.parent for p in Path(args.models).glob(f"*/{MANIFEST_NAME}"))
+    # <name>.rejected/ holds a candidate that failed its gate: evidence, not a shipped model
+    bundles = sorted(p.parent for p in Path(args.models).glob(f"*/{MANIFEST_NAME}") if p.parent.suffix != ".rejected")
     if not bundles:
         print(f"no bundles in {args.models}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+log = logging.getLogger(__name__)
 MODELS_ENV = "EDGE_MODELS"
 _CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -97,6 +99,10 @@ class Bundle:
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()
+        if isinstance(manifest.get("gate"), dict) and manifest["gate"].get("passed") is False:
+            # kept by the converter as evidence (<out>.rejected); runnable for a look, never silently
+            log.warning("bundle %s FAILED its accuracy gate (%s): it is evidence, not a model to deploy",
+                        root, manifest["gate"].get("metric", "?"))
         return bundle
 
     def verify(self) -> None:
@@ -172,6 +178,9 @@ def _check_structure(manifest: dict[str, Any], where: Path) -> None:
         _check_name(name, f"{where} files")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise BundleError(f"{where}: the sha256 of {name} is not 64 hex digits")
+    for key, kind in (("preprocessing", dict), ("labels", list), ("thresholds", dict)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(f"{where}: '{key}' must be a JSON {'object' if kind is dict else 'array'}")
     models = manifest["models"]
     if not isinstance(models, dict) or not models:
         raise BundleError(f"{where}: 'models' must map each variant (e.g. int8) to its file and facts")

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure latency, size and memory of the shipped bundles")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder with the bundles (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_MODELS / "benchmarks", help="results prefix: writes .json and .md (default: %(default)s)")
-    p.add_argument("--runs", type=int, default=300, help="timed runs per measurement (default: %(default)s)")
+    p.add_argument("--runs", type=positive_int, default=300, help="timed runs per measurement (default: %(default)s)")
     p.set_defaults(func=_bench)
     return parser
 

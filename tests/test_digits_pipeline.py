@@ -1,7 +1,8 @@
 """A small real run of the whole host path: train → convert → gate → bundle, plus the gate's failure path.
 
 Training is one epoch of the seed CNN on 3,000 MNIST images (seconds on two cores); conversion,
-calibration and evaluation are the real ones, on the full 10k test set.
+calibration and evaluation are the real ones, on the full 10k test set. Such a model reads ~95% of the test
+digits, below the 98% floor a shipped digits model must reach, so these runs pass a lower one (FLOOR).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from training.datasets.mnist import load_mnist
 from training.digits import train
 
 
+FLOOR = 0.8
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("train")
@@ -31,7 +35,7 @@ def trained(tmp_path_factory, data_dir: Path) -> Path:
 
 def test_train_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "digits"
-    assert quantize_digits(trained, out, data_dir=data_dir, representative=100)
+    assert quantize_digits(trained, out, data_dir=data_dir, representative=100, min_accuracy=FLOOR)
     bundle = Bundle.load(out)
     manifest = bundle.manifest
     assert manifest["gate"]["passed"] and manifest["metrics"]["int8_top1"] > 0.8
@@ -45,10 +49,11 @@ def test_train_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path
 def test_failed_gate_keeps_the_shipped_bundle_and_writes_the_evidence(trained: Path, tmp_path: Path,
                                                                       data_dir: Path) -> None:
     out = tmp_path / "digits"
-    assert quantize_digits(trained, out, data_dir=data_dir, representative=100)
+    assert quantize_digits(trained, out, data_dir=data_dir, representative=100, min_accuracy=FLOOR)
     before = sha256_file(out / "manifest.json")
     # A gate no int8 model can pass (it must beat float by 5 pp) forces the failure path.
-    assert not quantize_digits(trained, out, data_dir=data_dir, representative=100, max_drop_pp=-5.0)
+    assert not quantize_digits(trained, out, data_dir=data_dir, representative=100, max_drop_pp=-5.0,
+                               min_accuracy=FLOOR)
     assert sha256_file(out / "manifest.json") == before
     rejected = Bundle.load(tmp_path / "digits.rejected")
     assert rejected.manifest["gate"]["passed"] is False

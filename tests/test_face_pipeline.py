@@ -43,7 +43,8 @@ def test_train_leaves_model_history_and_split(trained: Path) -> None:
 def test_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "face"
     result = run_cli("-m", "converter", "face", "--data-dir", str(data_dir), "--model", str(trained),
-                     "--out", str(out), "--representative", "100", "--no-teacher", "--recipes", str(tmp_path / "none"))
+                     "--out", str(out), "--representative", "100", "--no-teacher", "--recipes", str(tmp_path / "none"),
+                     "--min-accuracy", "0")  # 2 epochs on 300 people: the 0.90 floor is for shipped models
     assert result.returncode in (0, 1), result.stderr[-2000:]
     written = out if result.returncode == 0 else tmp_path / "face.rejected"
     manifest = Bundle.load(written).manifest

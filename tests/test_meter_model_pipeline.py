@@ -34,7 +34,8 @@ def test_train_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path
     assert set(info["split"]["test_groups"]).isdisjoint(info["split"]["train_groups"])
     out = tmp_path / "meter-digits"
     result = run_cli("-m", "converter", "meter", "--data-dir", str(data_dir), "--model", str(trained),
-                     "--out", str(out), "--representative", "100", "--test-limit", "300")
+                     "--out", str(out), "--representative", "100", "--test-limit", "300",
+                     "--min-accuracy", "0.5")  # a 1,500-crop model: the 0.95 floor is for shipped models
     assert result.returncode in (0, 1), result.stderr[-2000:]
     written = out if result.returncode == 0 else tmp_path / "meter-digits.rejected"
     bundle = Bundle.load(written)
@@ -48,7 +49,7 @@ def test_train_convert_gate_bundle(trained: Path, tmp_path: Path, data_dir: Path
     assert metrics["float"]["whole_digit_accuracy"] == pytest.approx(metrics["keras_float"]["whole_digit_accuracy"])
     drop = 100 * (metrics["float"]["whole_digit_accuracy"] - metrics["int8"]["whole_digit_accuracy"])
     assert manifest["gate"]["drop_pp"] == pytest.approx(drop)
-    assert manifest["gate"]["passed"] is (drop <= 0.5 + 1e-9)
+    assert manifest["gate"]["passed"] is (drop <= 0.5 + 1e-9 and metrics["int8"]["whole_digit_accuracy"] >= 0.5)
     report = (written / "report.md").read_text()
     assert "Per test meter" in report and "rolling ±0.2" in report
     reader = MeterDigitModel.from_bundle(written)

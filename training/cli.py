@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from device.cli import positive_int
 from device.images import ImageError
 from training.datasets import DATA_ENV, DataNotFoundError
 
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edge: compact separable CNN we ship; seed: the classic Keras MNIST CNN (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
-    p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke runs)")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on the first N images only (smoke runs)")
     p.add_argument("--validation", type=int, default=0, metavar="N",
                    help="hold out the last N training images and report accuracy on them every epoch: compare "
                         "settings on these, never on the test split; the shipped models use 0 (all 60k)")
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the per-epoch validation numbers then only show progress")
     p.add_argument("--width", type=int, default=24,
                    help="filters of the first conv block; later blocks use 2x and 4x (default: %(default)s)")
-    p.add_argument("--subset", type=int, default=None, help="train on N random training crops only (smoke runs)")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on N random training crops only (smoke runs)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--members", type=int, default=1,
                    help="train N models with seeds --seed, --seed+1, ... and save one model whose output is the "
