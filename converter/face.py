@@ -273,7 +273,7 @@ def _row(name: str, r: dict[str, Any] | None, size: str, ms: str) -> list[Any]:
     if r is None:
         return [name, "not measured (no dlib / --no-teacher)", "-", "-", "-", "-", size, ms]
     every = r["all_pairs"]
-    return [name, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", f"{r['auc']:.4f}",
+    return [name, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_se']:.2f}", f"{r['auc']:.4f}",
             f"{100 * every['tar_far_1pct']:.1f}", f"{100 * every['tar_far_0.1pct']:.1f}", r["pairs"], size, ms]
 
 
@@ -288,7 +288,7 @@ def _side_by_side(metrics: dict[str, Any], sizes: dict[str, int], latency: dict[
         _row("TFLite int8", metrics["int8"], f"{sizes['int8'] / 1024:.0f} KB",
              f"{latency[INT8_FILE]['median_ms']:.2f}"),
     ]
-    return markdown_table(["model", "accuracy % (mean ± std over folds)", "ROC AUC", "TAR@FAR1% %",
+    return markdown_table(["model", "accuracy % (mean ± SE over folds)", "ROC AUC", "TAR@FAR1% %",
                            "TAR@FAR0.1% %", "pairs", "size", "latency ms (1 thread)"], rows)
 
 
@@ -307,7 +307,7 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
         side_by_side,
         "",
         "Accuracy and AUC on the official pairs; accuracy with the threshold chosen on the other evaluation folds, "
-        "mean ± std over the folds. TAR at FAR over every pair of the "
+        "mean ± standard error over the folds (sample std / sqrt(folds), as LFW reports it). TAR at FAR over every pair of the "
         f"{manifest['evaluation']['images']:,} evaluation images ({every['same_pairs']:,} same-person, "
         f"{every['pairs'] - every['same_pairs']:,} different-person pairs): the threshold "
         "accepting at most that share of the different-person pairs (no interpolation). The official pairs' "
@@ -348,8 +348,8 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
         "official pairs, TAR at FAR over every pair of the evaluation images, as above):",
         "",
         markdown_table(
-            ["variant", "accuracy %", "ROC AUC", "TAR@FAR1% %", "TAR@FAR0.1% %"],
-            [[v, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", r["auc"],
+            ["variant", "accuracy % (mean ± SE)", "ROC AUC", "TAR@FAR1% %", "TAR@FAR0.1% %"],
+            [[v, f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_se']:.2f}", r["auc"],
               f"{100 * r['all_pairs']['tar_far_1pct']:.1f}", f"{100 * r['all_pairs']['tar_far_0.1pct']:.1f}"]
              for v, r in ((v, c["pairs_report"]) for v, c in manifest["normalised_calibration"].items())]),
         "",
@@ -362,10 +362,10 @@ def _report(manifest: dict[str, Any], side_by_side: str, recipes: list[dict[str,
     if recipes:
         lines += ["", "## Training recipes (short runs on the same split, same training subset and budget; "
                   "Keras float on the evaluation pairs)", "",
-                  markdown_table(["recipe", "arch", "epochs", "val acc %", "eval acc %", "AUC", "TAR@FAR1% %",
-                                  "pairs", "train s"],
+                  markdown_table(["recipe", "arch", "epochs", "val acc %", "eval acc % (mean over folds)", "AUC",
+                                  "TAR@FAR1% %", "pairs", "train s"],
                                  [[r["recipe"], r["arch"], r["epochs"], f"{100 * r['validation_accuracy']:.1f}",
-                                   f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", r["auc"],
+                                   f"{100 * r['accuracy_mean']:.2f}", r["auc"],
                                    f"{100 * r['tar_far_1pct']:.1f}", r["pairs"], f"{r['seconds']:.0f}"]
                                   for r in recipes])]
     if gate["worst_layers"]:

@@ -137,7 +137,9 @@ def test_metrics_on_a_hand_checkable_example():
     cross = cross_fold_accuracy(d, s, folds)
     # Fold 1 uses fold 2's threshold (0.55): accepts 0.4 → 50%. Fold 2 uses fold 1's (0.3): 0.3 accepted → 100%.
     assert cross["per_fold"][1]["accuracy"] == 0.5 and cross["per_fold"][2]["accuracy"] == 1.0
-    assert cross["mean"] == 0.75 and cross["std"] == 0.25
+    # LFW's way: sample std (n - 1) and standard error std / sqrt(folds): 0.3536 and 0.25 for [0.5, 1.0]
+    assert cross["mean"] == 0.75 and cross["std"] == pytest.approx(0.5 ** 0.5 / 2)
+    assert cross["standard_error"] == pytest.approx(0.25)
     report = verification_report(d, s, folds)
     assert report["pairs"] == 4 and report["auc"] == 1.0
     # Two different pairs cannot show a FAR of 1%: no TAR "at 1%" (it was the TAR at zero false accepts).
