@@ -95,8 +95,11 @@ class FaceDetector:
         """All faces at least `min_face` px, largest first. With `near`, search around that box first.
 
         Around `near` only faces of 0.7-1.4x its size are looked for, at a scale that makes such a face
-        about `TRACK_SIDE` px: a few cascade scales over a small region instead of all of them.
+        about `TRACK_SIDE` px: a few cascade scales over a small region instead of all of them. A `near` box
+        that does not overlap the frame (the camera came back at a smaller resolution) is ignored.
         """
+        if near is not None and not _overlaps(near, image.shape):
+            near = None
         if near is not None:
             side = max(near[2], near[3])
             scale = min(1.0, TRACK_SIDE / side)
@@ -145,6 +148,12 @@ class FaceDetector:
             if side >= min_side:
                 out.append(((int(cx - side / 2), int(cy - side / 2), int(side), int(side)), float(row[-1])))
         return out
+
+
+def _overlaps(box: Box, shape: tuple[int, ...]) -> bool:
+    """Whether `box` has any area inside a frame of `shape`."""
+    x, y, w, h = box
+    return w > 0 and h > 0 and x < shape[1] and y < shape[0] and x + w > 0 and y + h > 0
 
 
 def _expand(box: Box, margin: float, shape: tuple[int, ...]) -> Box:

@@ -98,3 +98,14 @@ def test_haar_box_reproduces_the_lfw_framing(detector: FaceDetector, data_dir: P
     assert len(sizes) >= 0.95 * len(paths)
     assert abs(np.median(sizes) - 114 / 118) < 0.04
     assert np.abs(np.median(offsets, axis=0)).max() < 0.03
+
+
+def test_tracking_box_outside_a_smaller_frame_is_ignored(detector: FaceDetector, data_dir: Path) -> None:
+    """Failure report: after the camera came back at a smaller resolution, the last face box (in the old frame's
+    pixels) lay outside the new frame; the search region around it was empty and every frame failed."""
+    image = scene(data_dir, "obama.jpg")
+    height, width = image.shape[:2]
+    (face,) = detector.detect(image)
+    stale = (width + 300, 50, 300, 300)  # where the face was in a 1.5x wider frame
+    assert detector.detect(image, near=stale) == [face]
+    assert detector.detect(image, near=(-500, -500, 100, 100)) == [face]

@@ -31,6 +31,16 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.camera.source == "picamera2" and config.decision.votes_needed == 3
 
 
+def test_default_database_is_beside_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure report: with no [storage] database the file was doorlock.db in the current folder, so `enroll`
+    run from a home folder and the service run from /opt/doorlock used two different databases."""
+    path = tmp_path / "etc" / "lock.toml"
+    path.parent.mkdir()
+    path.write_text('[relay]\nmock = true\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).storage.database == tmp_path / "etc" / "doorlock.db"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[camera\nsource = 1", "not valid TOML"),
     ("[door]\nx = 1", "unknown section \\[door\\]"),
@@ -44,12 +54,37 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     ("[model]\nvariant = 'fp16'", "variant must be"),
     ("camera = 3", "must be a \\[section\\] table"),
     ("[camera]\nsource = ''", "source is empty"),
+    # Failure report: TOML's inf and nan passed validation (unlock_s = inf left the relay energised,
+    # min_motion = nan switched liveness off, lockout_s = nan the lockout).
+    ("[relay]\nunlock_s = inf", "unlock_s must be a finite number"),
+    ("[relay]\nunlock_s = nan", "unlock_s must be a finite number"),
+    ("[liveness]\nmin_motion = nan", "min_motion must be a finite number"),
+    ("[decision]\nlockout_s = nan", "lockout_s must be a finite number"),
+    ("[decision]\ncooldown_s = inf", "cooldown_s must be a finite number"),
+    ("[decision]\nidle_reset_s = nan", "idle_reset_s must be a finite number"),
+    ("[detector]\nmin_blur = nan", "min_blur must be a finite number"),
+    ("[decision]\nthreshold = nan", "must be a finite number"),
+    ("[relay]\nunlock_s = 86400", "unlock_s must be <= 30"),
+    ("[decision]\nlockout_s = 1e9", "lockout_s must be <= 86400"),
+    ("[decision]\ncooldown_s = 3600", "cooldown_s must be <= 600"),
+    ("[relay]\npin = -3", "pin -3 is not a BCM GPIO number"),
+    ("[relay]\npin = 40", "pin 40 is not a BCM GPIO number"),
+    # Failure report: votes_needed = 1 validated, but one frame can never show motion: the door never opened.
+    ("[decision]\nvotes_needed = 1", "votes_needed must be >= 2 while \\[liveness\\] is on"),
+    # Failure report: best_accuracy was accepted for the door and let in ~83% of strangers per frame.
+    ("[decision]\nthreshold = 'best_accuracy'", "'best_accuracy' is refused for a door"),
 ])
 def test_bad_configs(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_one_vote_is_fine_without_liveness(tmp_path: Path) -> None:
+    path = tmp_path / "lock.toml"
+    path.write_text("[decision]\nvotes_needed = 1\n[liveness]\nenabled = false\n")
+    assert load_config(path).decision.votes_needed == 1
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
@@ -61,6 +96,16 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     missing = run_cli("-m", "device.doorlock", "--config", str(tmp_path / "none.toml"), "list")
     assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_audit_with_a_missing_database_folder_is_one_line(tmp_path: Path) -> None:
+    """Failure report: `doorlock audit` with the database's folder missing ended in a sqlite3 traceback."""
+    path = tmp_path / "lock.toml"
+    path.write_text('[storage]\ndatabase = "gone/lock.db"\n')
+    result = run_cli("-m", "device.doorlock", "--config", str(path), "audit")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"doorlock: error: {tmp_path / 'gone' / 'lock.db'}: unable to open "
+                                                  "database file"]
 
 
 def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path) -> None:
@@ -81,6 +126,11 @@ def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path
     strict.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 0.5\n")
     accepted = run_cli("-m", "device.doorlock", "--config", str(strict), "check-config")
     assert accepted.returncode == 0 and "match threshold 0.5 = distance <= 0.5000" in accepted.stdout
+    # The looser bundle threshold is allowed, with a warning (7.8% of strangers per attempt in the README).
+    loose_name = tmp_path / "loose_name.toml"
+    loose_name.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 'far_0.1pct'\n")
+    warned = run_cli("-m", "device.doorlock", "--config", str(loose_name), "check-config")
+    assert warned.returncode == 0 and "warning: threshold 'far_0.1pct' lets in many more strangers" in warned.stderr
 
     broken = tmp_path / "face"
     shutil.copytree(models_dir / "face", broken)

@@ -2,9 +2,15 @@
 
 People are enrolled from the scene photos in the shared data set (Obama: two photos, Biden: one;
 neither is an LFW person, so neither was seen in training), then the pipeline — detection, crop,
-embedding, threshold, voting, liveness, relay, audit — runs over *other* photos of them and of
-strangers. Each attempt is an image folder played as the camera: there is no camera here, and a
-folder of different photos of one person stands in for the frames of a person in front of the door.
+embedding, threshold, voting, liveness, relay, audit — runs over photos of them and of strangers. Each
+attempt is an image folder played as the camera: there is no camera here, and a folder of photos of one
+person stands in for the frames of a person in front of the door.
+
+Not every "other photo of Obama" is a new photo: obama-480p.jpg is obama.jpg downscaled and obama_small.jpg a
+crop of it, so they match the enrolled obama.jpg trivially. The genuinely different photos (obama3.jpg,
+two_people.jpg) are not recognised by the shipped embedder yet (normalised score ~1.5 against 4.55): the tests
+that check recognition are marked RECOGNITION_GAP, and the tests of mechanics that need an unlock say that their
+frames are the enrolled photos or copies of them (MECHANICS_ATTEMPT).
 The relay is gpiozero's MockFactory pin, observed over time.
 """
 
@@ -14,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +33,7 @@ from conftest import MODELS, REPO, run_cli
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from device.camera import CaptureSource, EndOfStream, FolderSource, Reconnecting
+from device.camera import CaptureSource, EndOfStream, FolderSource, FrameSource, Reconnecting
 from device.doorlock.bench import letterbox
 from device.doorlock.audit import AuditLog
 from device.doorlock.config import Config, parse_config
@@ -37,7 +44,12 @@ from device.doorlock.service import DoorLock, run_service
 
 BUNDLE = MODELS / "face"
 ENROLL = {"Barack Obama": ["obama.jpg", "obama2.jpg"], "Joe Biden": ["biden.jpg"]}
+# obama3.jpg and two_people.jpg are new photos of him; obama-480p.jpg and obama_small.jpg are copies of the enrolled
+# obama.jpg (downscaled, cropped): alone they are one still picture, which liveness refuses.
 OBAMA_ATTEMPT = ["obama3.jpg", "obama-480p.jpg", "obama_small.jpg", "two_people.jpg"]
+# For tests of the mechanics after an unlock (relay, crash, signals), not of recognition: a copy of the enrolled
+# obama.jpg and the enrolled obama2.jpg itself. Two different photos, so they pass liveness as a moving face would.
+MECHANICS_ATTEMPT = ["obama-480p.jpg", "obama2.jpg"]
 STRANGERS = ["alex-lacamoire.png", "lin-manuel-miranda.png", "astronaut.png"]
 
 
@@ -194,9 +206,11 @@ def test_reembed_after_model_change(tmp_path: Path, data_dir: Path, recognizer: 
 
 def test_service_relocks_when_it_crashes(tmp_path: Path, data_dir: Path, recognizer: Recognizer,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash after an unlock with a 60 s unlock time: the relay must be locked when run_service exits."""
-    config = make_config(tmp_path, relay={"unlock_s": 60.0},
-                         camera={"source": str(attempt_folder(tmp_path, data_dir, "obama", OBAMA_ATTEMPT))})
+    """A crash after an unlock with a 30 s unlock time: the relay must be locked when run_service exits.
+
+    The frames are the enrolled photos (MECHANICS_ATTEMPT): this tests the relay, not recognition."""
+    config = make_config(tmp_path, relay={"unlock_s": 30.0},
+                         camera={"source": str(attempt_folder(tmp_path, data_dir, "obama", MECHANICS_ATTEMPT))})
     db = FaceDB(config.storage.database)
     enroll_all(db, recognizer, data_dir)
     db.close()
@@ -215,8 +229,8 @@ def test_service_relocks_when_it_crashes(tmp_path: Path, data_dir: Path, recogni
     assert [s.state for s in factory.pin(17).states] == [False, True, False]
 
 
-def run_until_first_decision(env: dict[str, str]) -> list[dict]:
-    """`doorlock run` as a service: wait for its first decision, stop it with SIGTERM, return its JSON events."""
+def run_until_first_decision(env: dict[str, str], signum: signal.Signals = signal.SIGTERM) -> list[dict]:
+    """`doorlock run` as a service: wait for its first decision, stop it with `signum`, return its JSON events."""
     proc = subprocess.Popen([sys.executable, "-m", "device.doorlock", "run"], cwd=REPO, text=True,
                             stderr=subprocess.PIPE, env={**os.environ, **env})
     events = []
@@ -227,15 +241,18 @@ def run_until_first_decision(env: dict[str, str]) -> list[dict]:
             events.append(json.loads(line))
             if events[-1]["event"] == "decision":
                 break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, rest = proc.communicate(timeout=20)
     assert proc.returncode == 0, rest[-2000:]
     return events + [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
 
 
 def test_cli_enroll_list_run_and_sigterm(tmp_path: Path, data_dir: Path) -> None:
-    """The `doorlock` command as a user runs it: enroll, list, run on a replayed folder, stop with SIGTERM."""
-    folder = attempt_folder(tmp_path, data_dir, "door", OBAMA_ATTEMPT)
+    """The `doorlock` command as a user runs it: enroll, list, run on a replayed folder, stop with SIGTERM.
+
+    The replayed frames are the enrolled photos (MECHANICS_ATTEMPT): the unlock shows the command works, not that
+    the embedder recognises a new photo."""
+    folder = attempt_folder(tmp_path, data_dir, "door", MECHANICS_ATTEMPT)
     config = tmp_path / "lock.toml"
     config.write_text(f'[camera]\nsource = "{folder}"\nloop = true\n[model]\nbundle = "{BUNDLE}"\nthreads = 1\n'
                       f'[relay]\nmock = true\nunlock_s = 0.2\n[decision]\nvotes_needed = 2\nwindow = 3\n'
@@ -303,9 +320,11 @@ def test_service_survives_bad_frames_and_camera_loss(tmp_path: Path, data_dir: P
     db.close()
 
 
-def test_a_failing_audit_log_does_not_stop_the_door(tmp_path: Path, data_dir: Path, recognizer: Recognizer) -> None:
-    """A full SD card (here: the snapshot folder replaced by a file, so the refused attempt's JPEG cannot be
-    written) is logged as audit_failed; the decision still stands and the next frames are still read."""
+def test_a_failing_snapshot_keeps_the_audit_row_and_the_door(tmp_path: Path, data_dir: Path,
+                                                             recognizer: Recognizer) -> None:
+    """Failure report: when the refused attempt's JPEG could not be written (here: the snapshot folder replaced
+    by a file, as on a pulled USB stick) the audit row was lost with it. Now the row is stored with no snapshot,
+    the failure is logged as snapshot_failed, and the next frames are still read."""
     config = make_config(tmp_path)
     db = FaceDB(config.storage.database)
     enroll_all(db, recognizer, data_dir)
@@ -324,8 +343,11 @@ def test_a_failing_audit_log_does_not_stop_the_door(tmp_path: Path, data_dir: Pa
     finally:
         logging.getLogger("doorlock").removeHandler(handler)
     assert decisions and all(d.action != "unlock" for d in decisions)
-    assert sum("audit_failed" in line for line in lines) == len(decisions), lines
-    assert factory.pin(17).state is False and audit.recent() == []  # nothing stored, nothing opened
+    assert sum("snapshot_failed" in line for line in lines) == len(decisions), lines
+    assert not any("audit_failed" in line for line in lines)
+    rows = audit.recent()
+    assert [r.action for r in rows] == [d.action for d in reversed(decisions)]
+    assert all(r.snapshot is None for r in rows) and factory.pin(17).state is False
     relay.close()
     db.close()
 
@@ -363,7 +385,9 @@ def test_enroll_from_camera(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_enroll_from_camera_skips_someone_else_walking_by(tmp_path: Path, data_dir: Path) -> None:
-    """A stranger's face between the resident's frames is not enrolled under the resident's name."""
+    """A stranger's face between the resident's frames is not enrolled under the resident's name.
+
+    The resident's frames are obama.jpg, obama2.jpg and obama-480p.jpg (a downscaled copy of obama.jpg)."""
     video = tmp_path / "door.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
     for path in scenes(data_dir, ["obama.jpg", "alex-lacamoire.png", "obama2.jpg", "obama-480p.jpg"]):
@@ -377,10 +401,13 @@ def test_enroll_from_camera_skips_someone_else_walking_by(tmp_path: Path, data_d
     assert result.stdout.count("skipped a frame: a different face") == 1 and "3 face(s) enrolled" in result.stdout
 
 
-def test_service_stops_cleanly_on_sigterm_with_the_relay_locked(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_service_stops_cleanly_on_sigterm_with_the_relay_locked(tmp_path: Path, data_dir: Path,
+                                                                signum: signal.Signals) -> None:
     """`doorlock run` on a replayed folder of strangers: SIGTERM ends it with exit 0, logged, relay locked.
 
-    Independent of how well the embedder recognises people (nobody here is enrolled).
+    Failure report for SIGHUP (a closed ssh terminal, `kill -HUP`): it killed Python without the graceful stop.
+    Independent of how well the embedder recognises people (Obama is enrolled, only strangers come).
     """
     folder = attempt_folder(tmp_path, data_dir, "door", STRANGERS)
     config = tmp_path / "lock.toml"
@@ -390,8 +417,187 @@ def test_service_stops_cleanly_on_sigterm_with_the_relay_locked(tmp_path: Path, 
     enrolled = run_cli("-m", "device.doorlock", "enroll", "Barack Obama",
                        *map(str, scenes(data_dir, ENROLL["Barack Obama"])), env=env)
     assert enrolled.returncode == 0, enrolled.stderr
-    events = run_until_first_decision(env)
+    events = run_until_first_decision(env, signum)
     assert [e["event"] for e in events][-2:] == ["stopping", "stopped"]
-    assert events[-2]["signal"] == "SIGTERM" and events[-1]["relay"] == "locked"
+    assert events[-2]["signal"] == signum.name and events[-1]["relay"] == "locked"
     decisions = [e for e in events if e["event"] == "decision"]
     assert decisions and all(d["action"] != "unlock" and d["distance"] < 10 for d in decisions)
+
+
+class NoisyStill(FrameSource):
+    """A camera filming a printed photo on a stand: the same 640x480 picture plus sensor noise (sigma 1)."""
+
+    name = "printed photo"
+
+    def __init__(self, picture: np.ndarray, seed: int = 7) -> None:
+        self.picture = picture.astype(np.float64)
+        self.rng = np.random.default_rng(seed)
+
+    def read(self) -> np.ndarray:
+        return np.clip(self.picture + self.rng.normal(0, 1.0, self.picture.shape), 0, 255).astype(np.uint8)
+
+
+def test_printed_photo_of_a_resident_does_not_open_the_door(tmp_path: Path, data_dir: Path,
+                                                            recognizer: Recognizer) -> None:
+    """Failure report: the enrolled obama.jpg on a stand in front of the camera (1 grey level of sensor noise)
+    unlocked the door with the default config: Haar box jitter made the crops differ by ~12.7 > min_motion 1.0."""
+    config = make_config(tmp_path, decision={"votes_needed": 3, "window": 5})
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=0.3, pin_factory=factory)
+    audit = AuditLog(config.storage.database)
+    picture = letterbox(cv2.imread(str(scenes(data_dir, ["obama.jpg"])[0])))
+    lock = DoorLock(config, recognizer, db, audit, relay, NoisyStill(picture), clock=Clock())
+    decisions = [d for d in (lock.step() for _ in range(5)) if d is not None]
+    assert [(d.action, d.person) for d in decisions] == [("not_live", "Barack Obama")]
+    assert decisions[0].motion < config.liveness.min_motion
+    assert [s.state for s in factory.pin(17).states] == [False]  # never energised
+    relay.close()
+    db.close()
+
+
+class ScriptedSource(FrameSource):
+    """Given frames, one per read, then the end of the stream."""
+
+    name = "scripted"
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames = list(frames)
+
+    def read(self) -> np.ndarray:
+        if not self.frames:
+            raise EndOfStream("no more frames")
+        return self.frames.pop(0)
+
+
+def test_removing_the_last_person_during_an_attempt(tmp_path: Path, data_dir: Path, recognizer: Recognizer) -> None:
+    """Failure report: `doorlock remove` of the last resident while a stranger stood at the door: the votes scored
+    against the old gallery (with scores) met the empty gallery's (without) and max() raised TypeError."""
+    config = make_config(tmp_path, decision={"votes_needed": 3, "window": 5})
+    db = FaceDB(config.storage.database)
+    added, _ = enroll_images(db, recognizer, "Barack Obama", scenes(data_dir, ENROLL["Barack Obama"]))
+    assert added == 2
+    strangers = [letterbox(cv2.imread(str(p))) for p in scenes(data_dir, STRANGERS[:2])] * 4
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=0.3, pin_factory=factory)
+    lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay, ScriptedSource(strangers),
+                    clock=Clock())
+    assert [lock.step(), lock.step()] == [None, None]  # two votes against the gallery with Obama
+    other = FaceDB(config.storage.database)  # `doorlock remove "Barack Obama"` at the console
+    other.remove("Barack Obama")
+    other.close()
+    lock.check_gallery()  # what run() does every GALLERY_CHECK_S
+    assert len(lock.gallery) == 0
+    decisions = [d for d in (lock.step() for _ in range(5)) if d is not None]
+    assert [(d.action, d.frames) for d in decisions] == [("deny", 5)]  # a fresh attempt of 5 frames, no crash
+    relay.close()
+    db.close()
+
+
+def test_recognition_continues_after_a_resolution_change(tmp_path: Path, data_dir: Path,
+                                                         recognizer: Recognizer) -> None:
+    """Failure report: a camera that came back at a smaller resolution left the tracked face box outside the new
+    frames; every frame then failed as bad_frame until the service was restarted.
+
+    The frames are the enrolled obama.jpg (a wide copy with a border, then a 640x480 copy), so a match is certain:
+    this tests tracking, not recognition."""
+    config = make_config(tmp_path)
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    photo = cv2.imread(str(scenes(data_dir, ["obama.jpg"])[0]))
+    wide = cv2.copyMakeBorder(photo, 0, 0, 600, 0, cv2.BORDER_CONSTANT)  # face in the right part, 1737 px wide
+    small = letterbox(photo)
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=0.3, pin_factory=factory)
+    lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay,
+                    ScriptedSource([wide] + [small] * 3), clock=Clock())
+    lines: list[str] = []
+    handler = _Capture(lines)
+    logging.getLogger("doorlock").addHandler(handler)
+    try:
+        decisions = [d for d in (lock.step() for _ in range(4)) if d is not None]
+    finally:
+        logging.getLogger("doorlock").removeHandler(handler)
+    assert not any("bad_frame" in line for line in lines), lines
+    # Two attempts (2 of 3 votes each): the second one only from frames after the change. Copies of one photo: not live.
+    assert [(d.action, d.person) for d in decisions] == [("not_live", "Barack Obama")] * 2
+    relay.close()
+    db.close()
+
+
+def test_a_locked_database_keeps_the_old_gallery_and_the_door(tmp_path: Path, data_dir: Path,
+                                                              recognizer: Recognizer) -> None:
+    """Failure report: an admin's sqlite3 shell (or a backup) holding the database longer than SQLite's 5 s timeout
+    made the gallery check raise OperationalError out of run(): the service died. Now the check is logged and
+    the old gallery kept; a decision taken meanwhile is logged as audit_failed and still stands."""
+    config = make_config(tmp_path)
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    relay = Relay(17, unlock_s=0.3, pin_factory=MockFactory())
+    strangers = [letterbox(cv2.imread(str(p))) for p in scenes(data_dir, STRANGERS)]
+    lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay, ScriptedSource(strangers),
+                    clock=Clock())
+    other = sqlite3.connect(str(config.storage.database), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    lines: list[str] = []
+    handler = _Capture(lines)
+    logger = logging.getLogger("doorlock")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        lock.check_gallery()
+        decisions = [d for d in (lock.step() for _ in strangers) if d is not None]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        other.execute("COMMIT")
+        other.close()
+    assert lines == ["gallery_check_failed", "audit_failed", "decision"]
+    assert lock.gallery.people == ["Barack Obama", "Joe Biden"] and [d.action for d in decisions] == ["deny"]
+    relay.close()
+    db.close()
+
+
+def test_a_stranger_who_walks_away_is_audited(tmp_path: Path, data_dir: Path, recognizer: Recognizer) -> None:
+    """Failure report: a stranger seen for fewer frames than the window who then stepped out of view left no
+    trace: after idle_reset_s the votes were silently dropped, no audit row, no count towards the lockout."""
+    config = make_config(tmp_path, decision={"votes_needed": 3, "window": 5, "max_attempts": 1})
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    stranger = letterbox(cv2.imread(str(scenes(data_dir, ["alex-lacamoire.png"])[0])))
+    empty_street = np.full_like(stranger, 90)
+    audit = AuditLog(config.storage.database, config.storage.snapshots)
+    relay = Relay(17, unlock_s=0.3, pin_factory=MockFactory())
+    clock = Clock()  # 0.1 s per frame: 25 frames without a face are 2.5 s > idle_reset_s 2.0
+    lock = DoorLock(config, recognizer, db, audit, relay, ScriptedSource([stranger] * 3 + [empty_street] * 25),
+                    clock=clock)
+    decisions = [d for d in (lock.step() for _ in range(28)) if d is not None]
+    assert [(d.action, d.frames) for d in decisions] == [("abandoned", 3)]
+    (row,) = audit.recent()
+    assert row.action == "abandoned" and "face left after 3 frame(s)" in row.reason and row.snapshot is None
+    assert lock.decider.blocked(clock.now) == "lockout"  # max_attempts = 1: the abandoned attempt counted
+    relay.close()
+    db.close()
+
+
+def test_the_looser_bundle_threshold_is_logged_as_a_warning(tmp_path: Path, data_dir: Path,
+                                                            recognizer: Recognizer) -> None:
+    """far_0.1pct is allowed (it admitted 7.8% of strangers per attempt in the README's test), but never silently."""
+    config = make_config(tmp_path, decision={"threshold": "far_0.1pct"})
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    relay = Relay(17, unlock_s=0.3, pin_factory=MockFactory())
+    lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay, ScriptedSource([]),
+                    clock=Clock())
+    lines: list[str] = []
+    handler = _Capture(lines)
+    logging.getLogger("doorlock").addHandler(handler)
+    try:
+        lock.run()  # ends at once: the source has no frames
+    finally:
+        logging.getLogger("doorlock").removeHandler(handler)
+    assert "threshold_loose" in lines
+    relay.close()
+    db.close()

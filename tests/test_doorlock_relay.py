@@ -70,3 +70,31 @@ def test_fail_secure_on_exception_and_close() -> None:
 def test_bad_pin_is_a_clear_error() -> None:
     with pytest.raises(RelayError, match="cannot open relay pin"):
         Relay("GPIO99", pin_factory=MockFactory())
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), -1.0])
+def test_impossible_unlock_time_never_energises_the_relay(seconds: float) -> None:
+    """Failure report: unlock_s = inf switched the relay on, then threading.Timer raised OverflowError in its own
+    thread, so the relock never came and the door stayed open."""
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=seconds, pin_factory=factory)
+    with pytest.raises(ValueError, match="unlock time"):
+        relay.unlock()
+    time.sleep(0.1)
+    assert levels(factory.pin(17)) == [False] and not relay.unlocked
+    relay.close()
+
+
+def test_relock_that_cannot_be_scheduled_locks_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail-secure: when the relock timer cannot start (no thread to be had), the relay is locked again at once."""
+    factory = MockFactory()
+    relay = Relay(17, unlock_s=0.3, pin_factory=factory)
+
+    def no_thread(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("threading.Timer.start", no_thread)
+    with pytest.raises(RuntimeError, match="new thread"):
+        relay.unlock()
+    assert levels(factory.pin(17)) == [False, True, False] and not relay.unlocked
+    relay.close()

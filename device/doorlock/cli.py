@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from dataclasses import asdict
@@ -14,15 +15,16 @@ from device.bundle import BundleError
 from device.camera import CameraError, EndOfStream, FrameError, open_source
 from device.detect import DetectorError
 from device.doorlock.audit import AuditLog
-from device.doorlock.config import Config, ConfigError, load_config
+from device.doorlock.config import LOOSE_THRESHOLDS, Config, ConfigError, load_config
 from device.doorlock.enroll import EnrollError, FaceDB, enroll_images, face_from_image
 from device.doorlock.pipeline import Recognizer
 from device.doorlock.relay import Relay, RelayError, mock_factory
 from device.images import ImageError
 from device.runtime import ModelError
 
+# Errors a user can fix (a path, a config value, a missing database folder): one line, no traceback.
 USER_ERRORS = (BundleError, CameraError, ConfigError, DetectorError, EnrollError, ImageError, ModelError,
-               RelayError, OSError, ValueError)
+               RelayError, OSError, ValueError, sqlite3.Error)
 
 
 def _enroll(args: argparse.Namespace, config: Config) -> int:
@@ -135,7 +137,7 @@ def _audit(args: argparse.Namespace, config: Config) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
             dist = f"{r.distance:.3f}" if r.distance is not None else "-"
             score = f"  score {r.score:.2f}" if r.score is not None else ""
-            print(f"{when}  {r.action:8s} {r.person or 'unknown':20s} distance {dist}{score}  frames {r.frames}  "
+            print(f"{when}  {r.action:9s} {r.person or 'unknown':20s} distance {dist}{score}  frames {r.frames}  "
                   f"{r.reason}")
     return 0
 
@@ -147,6 +149,9 @@ def _check_config(args: argparse.Namespace, config: Config) -> int:
     recognizer = Recognizer.from_config(config)
     print(f"ok: {recognizer.embedder.variant} face model {recognizer.embedder.model.path} verified, "
           f"match threshold {recognizer.describe_threshold(config.decision.threshold)}")
+    if config.decision.threshold in LOOSE_THRESHOLDS:
+        print(f"warning: threshold {config.decision.threshold!r} lets in many more strangers than \"far_0.001pct\" "
+              "(README: 7.8% vs 0.12% per attempt)", file=sys.stderr)
     return 0
 
 

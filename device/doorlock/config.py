@@ -2,12 +2,15 @@
 
 Every key has a default (see `example.toml`), so a config only needs what differs. Unknown
 keys and wrong types are errors, not warnings: a typo such as `unlock_sec` silently ignored
-would leave the door behaving differently from what its owner wrote. Relative paths are taken
-relative to the config file, so a deployment folder can be moved as a whole.
+would leave the door behaving differently from what its owner wrote. Numbers must be finite (TOML
+allows inf and nan, which would silently switch a rule off) and within limits that keep the lock a lock.
+Relative paths, the default database's included, are taken relative to the config file, so `enroll` and
+`run` share one database whatever folder they are started from.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -66,7 +69,9 @@ class DecisionConfig:
 @dataclass
 class LivenessConfig:
     enabled: bool = True
-    min_motion: float = 1.0
+    # Mean grey-level change of the aligned face crops (decide.motion). Still, noisy, flickering and hand-shifted
+    # pictures measured 0.2-0.9 through the detector; two different photos of one person 20-35 (see README).
+    min_motion: float = 2.0
 
 
 @dataclass
@@ -79,7 +84,7 @@ class RelayConfig:
 
 @dataclass
 class StorageConfig:
-    database: Path = Path("doorlock.db")
+    database: Path = Path("doorlock.db")  # relative to the config file (see parse_config), like every path
     snapshots: Path | None = None  # folder for JPEGs of refused attempts; None = keep none
     snapshot_keep: int = 200
 
@@ -99,6 +104,17 @@ _POSITIVE = {"width", "height", "min_face", "detect_width", "votes_needed", "win
              "unlock_s", "attempt_window_s", "snapshot_keep", "idle_reset_s"}
 _OPTIONAL_PATHS = {"yunet_model", "snapshots"}  # "" in the file means: not used
 _NON_NEGATIVE = {"threads", "min_blur", "cooldown_s", "lockout_s", "min_motion"}
+# Upper limits where a large value defeats the lock's purpose: the door energised for a day, a lockout that never
+# ends, a liveness bar no face can pass. Seconds unless noted.
+_MAXIMUM = {"unlock_s": 30.0, "cooldown_s": 600.0, "lockout_s": 86400.0, "attempt_window_s": 86400.0,
+            "idle_reset_s": 60.0, "min_motion": 50.0}
+# Accepted, with a warning at start and in check-config: 7.8% of strangers admitted per attempt in the README's test.
+LOOSE_THRESHOLDS = {"far_0.1pct"}
+# BCM GPIO numbers on the Raspberry Pi's 40-pin header.
+BCM_PINS = range(0, 28)
+# Bundle thresholds too loose for a door: best_accuracy admits most strangers in a gallery of many embeddings.
+_REFUSED_THRESHOLDS = {"best_accuracy": "it lets in most strangers (it balances errors on pairs, and a stranger at "
+                                        "the door is compared with every enrolled embedding)"}
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -133,6 +149,8 @@ def parse_config(data: dict[str, Any], base: Path = Path("."), name: str = "conf
                 raise ConfigError(f"{name}: unknown key '{key}' in [{section}]; known: {', '.join(known)}")
             default = getattr(target, key)
             setattr(target, key, _convert(f"[{section}] {key}", value, default, base, name))
+    if not config.storage.database.is_absolute():  # the default too: enroll and run must share one database
+        config.storage.database = base / config.storage.database
     _check(config, name)
     return config
 
@@ -179,15 +197,30 @@ def _check(config: Config, name: str) -> None:
         assert is_dataclass(part)
         for f in fields(part):
             value = getattr(part, f.name)
+            where = f"{name}: [{section.name}] {f.name}"
+            if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+                raise ConfigError(f"{where} must be a finite number, got {value}")
+            if f.name in _MAXIMUM and value > _MAXIMUM[f.name]:
+                raise ConfigError(f"{where} must be <= {_MAXIMUM[f.name]:g}, got {value}")
             if f.name in _POSITIVE and value <= 0:
-                raise ConfigError(f"{name}: [{section.name}] {f.name} must be > 0, got {value}")
+                raise ConfigError(f"{where} must be > 0, got {value}")
             if f.name in _NON_NEGATIVE and value < 0:
-                raise ConfigError(f"{name}: [{section.name}] {f.name} must be >= 0, got {value}")
+                raise ConfigError(f"{where} must be >= 0, got {value}")
     d = config.decision
     if d.votes_needed > d.window:
         raise ConfigError(f"{name}: [decision] votes_needed ({d.votes_needed}) cannot exceed window ({d.window})")
     if isinstance(d.threshold, float) and not 0 < d.threshold < 2:
         raise ConfigError(f"{name}: [decision] threshold {d.threshold} is not a distance between unit vectors (0..2)")
+    if d.threshold in _REFUSED_THRESHOLDS:
+        raise ConfigError(f"{name}: [decision] threshold {d.threshold!r} is refused for a door: "
+                          f"{_REFUSED_THRESHOLDS[d.threshold]}; use \"far_0.001pct\" (or \"far_0.1pct\")")
+    live = config.liveness
+    if live.enabled and live.min_motion > 0 and d.votes_needed < 2:
+        raise ConfigError(f"{name}: [decision] votes_needed must be >= 2 while [liveness] is on: motion is measured "
+                          f"between the matching frames, so one frame can never pass it and the door would never open")
+    pin = config.relay.pin
+    if isinstance(pin, int) and pin not in BCM_PINS:
+        raise ConfigError(f"{name}: [relay] pin {pin} is not a BCM GPIO number ({BCM_PINS.start}..{BCM_PINS.stop - 1})")
     if config.model.variant not in ("int8", "float"):
         raise ConfigError(f"{name}: [model] variant must be 'int8' or 'float', got {config.model.variant!r}")
     if not config.camera.source.strip():

@@ -11,9 +11,15 @@ The rules that matter for safety, and why:
   frames with a face, which turns a rare per-frame false match into a much rarer unlock.
 - After `max_attempts` refusals within `attempt_window_s` the lock ignores everyone for
   `lockout_s`, which limits how many tries a stranger (or a set of photos) gets.
-- Liveness: the face crops of the voting frames must differ from one another by at least
-  `min_motion` grey levels on average. This catches a still picture (printed photo on a stand,
-  frozen video feed, still image on a screen) and nothing more; see the README for what it misses.
+- Liveness: the face crops of the frames that matched the unlocking person must change by at least
+  `min_motion` grey levels on average *after* each has been aligned onto the first by an affine warp and
+  matched in brightness and contrast (`motion`). A held photo only moves rigidly (and the detector's box
+  jitters around it), which the alignment removes; a live face changes non-rigidly (blinks, expression,
+  head rotation against the background). This catches a still or hand-shifted flat picture and nothing
+  more; see the README for what it misses.
+- A face that leaves before a decision (no face for `idle_reset_s`) is an *abandoned* attempt: audited and
+  counted towards the lockout like a refusal, or a stranger could try without limit by stepping away after
+  every few frames.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 
 from device.doorlock.config import DecisionConfig, LivenessConfig
@@ -87,17 +94,52 @@ class Gallery:
         return Match(name if score >= threshold else None, name, distance, score)
 
 
+# Liveness measure. The crops are smoothed first so that sensor noise averages out, aligned by ECC with an affine
+# model (shift, scale, rotation, shear: a photo moved by hand in its own plane, and Haar box jitter), then
+# compared inside a margin that the warp's border handling cannot reach.
+_MOTION_BLUR_SIGMA = 1.5
+_MOTION_MARGIN = 12
+_ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
+
+
+def aligned_change(reference: np.ndarray, crop: np.ndarray) -> float:
+    """Mean absolute grey-level difference left after warping `crop` onto `reference` (affine) and matching its
+    brightness and contrast: what a rigid move or a lighting change of a flat picture cannot explain.
+
+    When ECC cannot align the two (no correlation: different content), the unaligned difference is used —
+    such a pair is not a still picture.
+    """
+    a = cv2.GaussianBlur(reference.astype(np.float32), (0, 0), _MOTION_BLUR_SIGMA)
+    b = cv2.GaussianBlur(crop.astype(np.float32), (0, 0), _MOTION_BLUR_SIGMA)
+    warp = np.eye(2, 3, dtype=np.float32)
+    try:
+        _, warp = cv2.findTransformECC(a, b, warp, cv2.MOTION_AFFINE, _ECC_CRITERIA, None, 1)
+    except cv2.error:
+        warp = np.eye(2, 3, dtype=np.float32)
+    height, width = a.shape
+    b = cv2.warpAffine(b, warp, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
+    m = _MOTION_MARGIN
+    a, b = a[m:-m, m:-m], b[m:-m, m:-m]
+    b = (b - b.mean()) / (b.std() + 1e-6) * a.std() + a.mean()
+    return float(np.abs(a - b).mean())
+
+
 def motion(crops: list[np.ndarray]) -> float:
-    """Mean absolute grey-level change between consecutive face crops (0 for a perfectly still picture)."""
+    """Largest non-rigid change of any later face crop against the first one (0 for a still picture).
+
+    Against the first rather than the previous crop, so that a slow live change (a face turning over five
+    frames) adds up instead of being split into steps each too small to tell from noise.
+    """
     if len(crops) < 2:
         return 0.0
-    stack = np.stack([c.astype(np.int16) for c in crops])
-    return float(np.abs(np.diff(stack, axis=0)).mean())
+    return max(aligned_change(crops[0], c) for c in crops[1:])
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What happened to one attempt: `action` is unlock, deny, or not_live (liveness failed)."""
+    """What happened to one attempt: `action` is unlock, deny, not_live (liveness failed) or abandoned (the face
+    left before a decision); all but unlock count as refusals towards the lockout."""
 
     action: str
     person: str | None
@@ -136,14 +178,37 @@ class Decider:
             return self._block_reason
         return None
 
+    def reset(self) -> None:
+        """Drop the attempt in progress without a decision: its votes were scored against a gallery that has
+        just been replaced (someone enrolled or removed), so they are not comparable with the next frames."""
+        self._votes.clear()
+
+    def expire(self, now: float) -> Decision | None:
+        """The abandoned attempt, when the face has been gone for `idle_reset_s`; the service calls this on every
+        frame (with or without a face), so a stranger who steps away before a decision is still counted."""
+        if not self._votes or now - self._last_face <= self.decision.idle_reset_s:
+            return None
+        votes = list(self._votes)
+        self._votes.clear()
+        matched = sum(v.match.person is not None for v in votes)
+        best = _closest(votes)
+        decision = Decision("abandoned", None, min(v.match.distance for v in votes), len(votes), 0.0,
+                            f"face left after {len(votes)} frame(s) without a decision ({matched} matched anyone; "
+                            f"nearest: {best.match.nearest})", best.match.score)
+        return self._refused(decision, now)
+
     def observe(self, match: Match, crop: np.ndarray, now: float) -> Decision | None:
-        """Add one frame's match; returns a Decision when the attempt is complete, else None."""
+        """Add one frame's match; returns a Decision when an attempt is complete (or was abandoned), else None.
+
+        An abandoned attempt noticed here is returned and this frame starts the next attempt.
+        """
         if self.blocked(now):
             return None
-        if now - self._last_face > self.decision.idle_reset_s:
-            self._votes.clear()  # the face left; a new attempt starts
+        abandoned = self.expire(now)
         self._last_face = now
         self._votes.append(_Vote(match, crop))
+        if abandoned is not None:
+            return abandoned
         while len(self._votes) > self.decision.window:
             self._votes.popleft()
         counts: dict[str, int] = {}
@@ -164,24 +229,27 @@ class Decider:
         distance = min(v.match.distance for v in used)
         scores = [v.match.score for v in used if v.match.score is not None]
         score = max(scores) if scores else None
-        moved = motion([v.crop for v in votes])
+        # Only the frames that matched the person count: a still photo of a resident must not borrow the
+        # motion of another face (the attacker's own) seen in the same window.
+        moved = motion([v.crop for v in used])
         if person is not None and self.liveness.enabled and moved < self.liveness.min_motion:
             decision = Decision("not_live", person, distance, len(votes), moved,
-                                f"face crops changed {moved:.2f} grey levels < {self.liveness.min_motion}: still picture?",
-                                score)
+                                f"aligned face crops changed {moved:.2f} grey levels < {self.liveness.min_motion}: "
+                                "still picture?", score)
         elif person is not None:
             self._block(now + self.decision.cooldown_s, "cooldown")
             return Decision("unlock", person, distance, len(votes), moved,
                             f"{len(used)} of {len(votes)} frames matched", score)
         else:
-            # The closest enrolled person by the rule that decided: best score if scored, else smallest distance.
-            closest = (max(votes, key=lambda v: v.match.score) if votes[0].match.score is not None
-                       else min(votes, key=lambda v: v.match.distance))
-            nearest = closest.match.nearest
             matched = sum(v.match.person is not None for v in votes)
             decision = Decision("deny", None, distance, len(votes), moved,
                                 f"no enrolled person matched in {self.decision.votes_needed} of {len(votes)} "
-                                f"frames ({matched} frame(s) matched anyone; nearest: {nearest})", score)
+                                f"frames ({matched} frame(s) matched anyone; nearest: {_closest(votes).match.nearest})",
+                                score)
+        return self._refused(decision, now)
+
+    def _refused(self, decision: Decision, now: float) -> Decision:
+        """Count a refusal; the `max_attempts`-th within `attempt_window_s` starts a lockout."""
         self._denials.append(now)
         while self._denials and now - self._denials[0] > self.decision.attempt_window_s:
             self._denials.popleft()
@@ -195,3 +263,12 @@ class Decider:
     def _block(self, until: float, reason: str) -> None:
         self._blocked_until = until
         self._block_reason = reason
+
+
+def _closest(votes: list[_Vote]) -> _Vote:
+    """The vote closest to an enrolled person by the rule that decided: best score where frames were scored,
+    else smallest distance. None-safe: frames scored against an empty gallery have no score."""
+    scored = [v for v in votes if v.match.score is not None]
+    if scored:
+        return max(scored, key=lambda v: v.match.score)
+    return min(votes, key=lambda v: v.match.distance)

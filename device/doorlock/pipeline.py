@@ -39,6 +39,7 @@ class Recognizer:
         self.min_blur = min_blur
         self.model_sha256 = sha256_file(embedder.model.path)
         self._last_box = None
+        self._last_shape: tuple[int, ...] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> "Recognizer":
@@ -83,8 +84,14 @@ class Recognizer:
 
     def process(self, frame: np.ndarray, gallery: Gallery | None = None, threshold: float = 0.0,
                 track: bool = True) -> FrameResult:
-        """Run one frame; with a gallery, also match. `track` searches near the last face first."""
+        """Run one frame; with a gallery, also match. `track` searches near the last face first.
+
+        Tracking restarts when the frame size changes (a camera reopened at another resolution): the last box is
+        in the old frame's pixels.
+        """
         result = FrameResult()
+        if frame.shape != self._last_shape:
+            self._last_box, self._last_shape = None, frame.shape
         t0 = time.perf_counter()
         face = self.detector.largest(frame, near=self._last_box if track else None)
         t1 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The lock relay through gpiozero, fail-secure: locked at start, after every unlock, and on every exit.
 
 "Locked" is the relay's inactive state. The relock is a timer thread, so the door locks again on
-time even if the main loop is stuck waiting on a camera. `close()` (also run by the context
-manager, by the service's signal handlers and atexit) drives the pin to the locked level before
+time even if the main loop is stuck waiting on a camera; an unlock time the timer cannot wait is refused
+before the relay is switched on. `close()` (also run by the context manager, after the service's stop on
+SIGTERM, SIGINT or SIGHUP, and by atexit) drives the pin to the locked level before
 releasing it; the systemd unit additionally runs `doorlock relock` after the service stops for any
 reason, including a crash or SIGKILL where no Python code runs. Wire the lock so that an
 unpowered relay means locked (see README), then a dead Pi or a power cut is also locked.
@@ -10,6 +11,7 @@ unpowered relay means locked (see README), then a dead Pi or a power cut is also
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from typing import Any
@@ -46,14 +48,28 @@ class Relay:
         return bool(self._device.value)
 
     def unlock(self, seconds: float | None = None) -> None:
-        """Energise the relay; relock after `seconds` (default `unlock_s`). A second unlock extends the time."""
+        """Energise the relay; relock after `seconds` (default `unlock_s`). A second unlock extends the time.
+
+        Fail-secure: a time the relock timer cannot wait (inf overflows inside the timer thread, after the relay
+        is on; nan relocks at once) is refused before the relay is touched, and if the timer cannot be started
+        (no thread to be had) the relay is locked again at once and the error raised.
+        """
+        delay = self.unlock_s if seconds is None else seconds
+        if not (math.isfinite(delay) and 0 < delay <= threading.TIMEOUT_MAX):
+            raise ValueError(f"unlock time {delay} s must be a finite number of seconds > 0")
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
+                self._timer = None
             self._device.on()
-            self._timer = threading.Timer(self.unlock_s if seconds is None else seconds, self.lock)
-            self._timer.daemon = True
-            self._timer.start()
+            try:
+                self._timer = threading.Timer(delay, self.lock)
+                self._timer.daemon = True
+                self._timer.start()
+            except BaseException:
+                self._timer = None
+                self._device.off()
+                raise
 
     def lock(self) -> None:
         """De-energise the relay now."""

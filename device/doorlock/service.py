@@ -5,10 +5,14 @@ Design choices:
 - Nothing that one frame, the camera or the storage does may stop the service: bad frames are skipped,
   a lost camera is reopened with back-off (device.camera.Reconnecting) and logged once per outage, an
   audit record that cannot be written (full SD card, locked database) is logged as audit_failed.
-- SIGTERM/SIGINT set a stop flag; the loop finishes its frame, the relay is locked and released,
+- SIGTERM/SIGINT/SIGHUP set a stop flag (a closed terminal or `systemctl reload` stops cleanly rather than killing
+  Python mid-unlock); the loop finishes its frame, the relay is locked and released,
   databases are closed. `atexit` locks the relay as well for any other way out of Python.
 - People enrolled (or removed) by `doorlock enroll` while the service runs are picked up without a
-  restart: the service looks at the embeddings table's size and last id every few seconds.
+  restart: the service looks at the embeddings table's size and last id every few seconds. A database locked
+  by another program for longer than SQLite's timeout is logged and the old gallery kept; the next check retries.
+- A named threshold looser than the default (far_0.1pct) is logged as a warning at start: it trades many more
+  admitted strangers for fewer refused residents.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import time
 from typing import Any, Callable
 
 import cv2
+import numpy as np
 
 from device.camera import CameraError, EndOfStream, FrameError, FrameSource, open_source
 from device.doorlock.audit import AuditLog
-from device.doorlock.config import Config
+from device.doorlock.config import LOOSE_THRESHOLDS, Config
 from device.doorlock.decide import Decider, Decision
 from device.doorlock.enroll import FaceDB
 from device.doorlock.pipeline import Recognizer
@@ -36,6 +41,7 @@ from device.images import ImageError
 
 log = logging.getLogger("doorlock")
 GALLERY_CHECK_S = 2.0  # how often to look for people enrolled or removed while running
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,16 +87,31 @@ class DoorLock:
         self.reload_gallery()
 
     def reload_gallery(self) -> None:
-        """Re-embed stale enrollments, then load the gallery for the running model."""
+        """Re-embed stale enrollments, then load the gallery for the running model.
+
+        The attempt in progress is dropped: its votes were scored against the old gallery (and a gallery emptied
+        by `doorlock remove` scores nothing), so mixing them with the next frames' would compare unlike numbers.
+        """
         stale = self.db.reembed(self.recognizer)
         if stale:
             event("reembedded", embeddings=stale, model_sha256=self.recognizer.model_sha256)
         entries = self.db.entries(self.recognizer.model_sha256)
         self.gallery = self.recognizer.gallery(entries, self.config.decision.threshold)
         self._db_version = self.db.version()
+        self.decider.reset()
         if not len(self.gallery):
             event("gallery_empty", logging.WARNING, hint="enroll people with `doorlock enroll NAME PHOTOS…`")
         event("gallery_loaded", people=len(self.gallery.people), embeddings=len(self.gallery))
+
+    def check_gallery(self) -> None:
+        """Reload the gallery when the enrollments changed; a database locked past SQLite's timeout (a backup, an
+        admin's sqlite3 shell) is logged and the current gallery kept, so the door keeps working."""
+        try:
+            if self.db.version() != self._db_version:
+                self.reload_gallery()
+        except sqlite3.Error as exc:
+            event("gallery_check_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}",
+                  kept=f"{len(self.gallery.people)} people, {len(self.gallery)} embeddings")
 
     def step(self) -> Decision | None:
         """Read and judge one frame. Returns a Decision when an attempt completed."""
@@ -111,6 +132,9 @@ class DoorLock:
             event("camera_back")
             self.camera_down = False
         now = self.clock()
+        abandoned = self.decider.expire(now)  # on every frame, face or not: the face may never come back
+        if abandoned is not None:
+            return self._act(abandoned, None)  # this frame shows no one from that attempt: no snapshot
         if self.decider.blocked(now):
             return None
         try:
@@ -123,6 +147,10 @@ class DoorLock:
         decision = self.decider.observe(result.match, result.crop, now)
         if decision is None:
             return None
+        return self._act(decision, frame)
+
+    def _act(self, decision: Decision, frame: np.ndarray | None) -> Decision:
+        """Open the door for an unlock, then audit and log the decision (a snapshot of `frame` for refusals)."""
         if decision.action == "unlock":
             self.relay.unlock()
         try:
@@ -140,12 +168,14 @@ class DoorLock:
         event("started", source=self.source.name, model_sha256=self.recognizer.model_sha256[:12],
               threshold=self.recognizer.describe_threshold(self.config.decision.threshold),
               votes=f"{self.config.decision.votes_needed}/{self.config.decision.window}")
+        if self.config.decision.threshold in LOOSE_THRESHOLDS:
+            event("threshold_loose", logging.WARNING, threshold=self.config.decision.threshold,
+                  hint="lets in many more strangers than far_0.001pct (README: 7.8% vs 0.12% per attempt)")
         checked = self.clock()
         while not self.stop.is_set():
             if self.clock() - checked > GALLERY_CHECK_S:
                 checked = self.clock()
-                if self.db.version() != self._db_version:
-                    self.reload_gallery()
+                self.check_gallery()
             try:
                 self.step()
             except EndOfStream:
@@ -172,8 +202,8 @@ def run_service(config: Config) -> int:
             event("stopping", signal=signal.Signals(signum).name)
             lock.stop.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, on_signal)
         try:
             lock.run()
         finally:
