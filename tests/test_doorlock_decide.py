@@ -305,6 +305,8 @@ def test_snapshots_are_named_and_pruned_by_audit_id_not_the_clock(tmp_path: Path
     assert all(Path(r.snapshot).is_file() for r in today) and not any(Path(r.snapshot).exists() for r in ahead)
     assert len({r.snapshot for r in today}) == 3  # same time, three files
     assert [r.snapshot for r in log.recent(3)] == [r.snapshot for r in reversed(today)]
+    # the pruned rows stay, without a path to a file that is gone (they pointed at deleted JPEGs)
+    assert [r.snapshot for r in log.recent(6)[3:]] == [None] * 3
     log.close()
 
 

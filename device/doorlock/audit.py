@@ -124,6 +124,9 @@ class AuditLog:
         old = sorted(self.snapshots.glob("refused-*.jpg"), key=age)
         for stale in old[:max(0, len(old) - self.keep)]:
             stale.unlink(missing_ok=True)
+            # the row stays (the decision happened); it no longer points at a file that is gone
+            self._db.execute("UPDATE audit SET snapshot = NULL WHERE snapshot = ?", (str(stale),))
+        self._db.commit()
 
     def close(self) -> None:
         self._db.close()
