@@ -85,6 +85,111 @@ def test_blank_and_flat_images_are_not_digits() -> None:
         mnist_style(np.random.default_rng(0).integers(120, 126, (64, 64), dtype=np.uint8))
 
 
+def paper(height: int, width: int, rng: np.random.Generator, level: float = 215.0, noise: float = 4.0,
+          texture: float = 6.0) -> np.ndarray:
+    """A sheet of paper as a phone sees it: light falling off across it, blotchy fibre texture, sensor noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    page = level + 25 * (np.cos(angle) * x / width + np.sin(angle) * y / height)
+    blotches = cv2.GaussianBlur(rng.normal(0, 1, (height // 16, width // 16)).astype(np.float32), (0, 0), 1.5)
+    blotches = cv2.resize(blotches, (width, height), interpolation=cv2.INTER_CUBIC)
+    page += blotches * (texture / (blotches.std() + 1e-6)) + rng.normal(0, noise, (height, width))
+    return page
+
+
+def write_on(page: np.ndarray, digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A real MNIST digit, `size` px tall, written in dark ink somewhere on the page (a float array)."""
+    big = np.clip(cv2.resize(digit, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32), 0, 255)
+    top, left = int(rng.integers(0, page.shape[0] - size)), int(rng.integers(0, page.shape[1] - size))
+    page[top : top + size, left : left + size] -= big * 0.75
+    return page
+
+
+def as_jpeg(image: np.ndarray) -> np.ndarray:
+    ok, data = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+
+
+def accuracy(reader: DigitReader, mnist_test, make, count: int, seed: int) -> float:
+    """Share of `count` real MNIST test digits read right, each made into a photo by `make(digit, rng)`."""
+    x, y = mnist_test
+    rng = np.random.default_rng(seed)
+    right = 0
+    for i in rng.choice(len(x), count, replace=False):
+        try:
+            right += reader.read(as_jpeg(make(x[i], rng))).digit == y[i]
+        except NoDigitError:
+            pass
+    return right / count
+
+
+# The photos below are the framing's job, not the model's: the model reads 99.4% of MNIST and each photo is one
+# MNIST digit, so with 40 digits a bar of 0.95 leaves room for two misreads (a hard digit, the rendering) while a
+# framing that fails one photo in ten fails it. Before these fixes they read 0.0 (large page) and 0.05 (desk).
+N_LARGE = 40
+
+
+def test_reads_small_digits_on_large_photos(reader: DigitReader, mnist_test) -> None:
+    """A 120-220 px digit on a 1600x1200 page covers well under 0.5% of the pixels; it was refused as blank when
+    the contrast peak was the 99.5th percentile, and misread when the polarity came from the border vs the mean."""
+    def make(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return write_on(paper(1200, 1600, rng), digit, int(rng.integers(120, 220)), rng)
+
+    assert accuracy(reader, mnist_test, make, N_LARGE, seed=11) >= 0.95
+
+
+def test_reads_a_digit_on_a_12_megapixel_photo(reader: DigitReader, mnist_test) -> None:
+    x, y = mnist_test
+    rng = np.random.default_rng(12)
+    assert reader.read(as_jpeg(write_on(paper(3000, 4000, rng), x[0], 500, rng))).digit == y[0]
+
+
+def test_reads_a_sheet_lying_on_a_dark_desk(reader: DigitReader, mnist_test) -> None:
+    """The paper does not fill the frame: a dark, textured desk shows around it (20-150 px). Polarity taken from
+    the frame's border made the sheet the 'ink' and read, e.g., a 7 as an 8 without complaint."""
+    def make(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size, margin = int(rng.integers(120, 260)), int(rng.integers(20, 150))
+        sheet = write_on(paper(size + int(rng.integers(100, 240)), size + int(rng.integers(80, 200)), rng, noise=0),
+                         digit, size, rng)
+        height, width = sheet.shape[0] + 2 * margin, sheet.shape[1] + 2 * margin
+        wood = cv2.resize(rng.normal(0, 8, (height // 8, width // 8)).astype(np.float32), (width, height))
+        photo = 45 + wood
+        photo[margin : margin + sheet.shape[0], margin : margin + sheet.shape[1]] = sheet
+        return photo + rng.normal(0, 4, photo.shape)
+
+    assert accuracy(reader, mnist_test, make, N_LARGE, seed=13) >= 0.95
+
+
+def test_reads_light_digits_on_a_large_dark_board(reader: DigitReader, mnist_test) -> None:
+    """Light on dark must still read once photos are framed differently: chalk on a board, unevenly lit; and
+    dark on light when the digit fills the frame (inverted MNIST, 10x)."""
+    def make(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        board = 45 + 15 * np.linspace(-1, 1, 1600, dtype=np.float32)[np.newaxis, :] + rng.normal(0, 6, (1200, 1600))
+        size = int(rng.integers(150, 350))
+        top, left = int(rng.integers(0, 1200 - size)), int(rng.integers(0, 1600 - size))
+        board[top : top + size, left : left + size] += cv2.resize(digit, (size, size)).astype(np.float32) * 0.7
+        return board
+
+    assert accuracy(reader, mnist_test, make, 20, seed=14) >= 0.95
+    x, y = mnist_test
+    inverted = [255 - cv2.resize(digit, (280, 280), interpolation=cv2.INTER_CUBIC) for digit in x[:20]]
+    assert np.mean([reader.read(d).digit == label for d, label in zip(inverted, y[:20])]) >= 0.95  # and the reverse
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda rng: paper(1200, 1600, rng, noise=8),
+     lambda rng: paper(1200, 1600, rng, noise=0, texture=10),
+     lambda rng: np.where(rng.random((1200, 1600)) < 0.001, 0.0, paper(1200, 1600, rng)),
+     lambda rng: np.pad(paper(600, 450, rng, noise=0), 80, constant_values=45) + rng.normal(0, 4, (760, 610))],
+    ids=["noisy-page", "textured-page", "dust-specks", "blank-sheet-on-desk"],
+)
+def test_blank_photos_are_still_refused(make) -> None:
+    """Finding small digits on large pages must not turn noise, paper texture or dust into a digit."""
+    with pytest.raises(NoDigitError, match="no digit found"):
+        mnist_style(as_jpeg(make(np.random.default_rng(5))))
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(None, "no such file"), (b"", "file is empty"), (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a readable image"),
