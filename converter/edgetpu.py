@@ -72,7 +72,7 @@ def check_edgetpu(path: str | Path) -> dict[str, Any]:
             problems.append({"index": op["index"], "op": op["op"], "reasons": reasons})
     compiler = run_compiler(path)
     # when the compiler is installed, its verdict counts too: it refuses models this op check lets through
-    compiled = compiler is None or compiler["returncode"] == 0
+    compiled = compiler is None or (compiler["returncode"] == 0 and compiler["model"] is not None)
     return {
         "ready": not problems and compiled,
         "problems": problems + ([] if compiled else [{"index": None, "op": "edgetpu_compiler",
@@ -83,10 +83,16 @@ def check_edgetpu(path: str | Path) -> dict[str, Any]:
 
 
 def run_compiler(path: Path) -> dict[str, Any] | None:
-    """Run `edgetpu_compiler` if it is on PATH; None when it is not installed."""
+    """Run `edgetpu_compiler` if it is on PATH; None when it is not installed.
+
+    On success "model" holds the compiled file's bytes (`<stem>_edgetpu.tflite`), which the bundle keeps as its
+    `edgetpu` variant; the caller takes it out before the record goes into a manifest.
+    """
     compiler = shutil.which("edgetpu_compiler")
     if compiler is None:
         return None
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run([compiler, "-s", "-o", out, str(path)], capture_output=True, text=True, timeout=300)
-    return {"returncode": proc.returncode, "log": (proc.stdout + proc.stderr)[-4000:]}
+        compiled = Path(out) / f"{Path(path).stem}_edgetpu.tflite"
+        model = compiled.read_bytes() if proc.returncode == 0 and compiled.is_file() else None
+    return {"returncode": proc.returncode, "log": (proc.stdout + proc.stderr)[-4000:], "model": model}

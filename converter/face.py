@@ -216,6 +216,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
             "method": "as-norm (device.face.Cohort)", "cohort": f"cohort_{variant}.npz", "top_k": COHORT_TOP_K,
             "cohort_faces": len(vectors), "cohort_source": "first image of every training person",
             "thresholds": score_thresholds}
+    if "edgetpu" in pair.models:  # the int8 model compiled for the TPU: the same integer arithmetic and calibration
+        pair.models["edgetpu"] |= {k: pair.models["int8"][k] for k in ("thresholds", "score_normalisation")}
     recipe_rows = json.loads(recipes.read_text()) if recipes and recipes.is_file() else []
 
     metrics = {"keras_float": keras_report, "float": float_report, "int8": int8_report, "teacher": teacher_report,

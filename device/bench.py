@@ -50,7 +50,7 @@ def bench_bundle(root: Path, runs: int, threads: tuple[int, ...] = (1, 2)) -> li
     """One row per model variant and thread count."""
     bundle = Bundle.load(root)
     rows = []
-    for variant in bundle.variants():
+    for variant in bundle.variants(runnable=True):
         path = bundle.model_path(variant)
         for n in threads:
             model = Model(path, threads=n)

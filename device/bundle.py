@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device.runtime import Model
+from device.runtime import Model, edgetpu_delegate
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -34,6 +34,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
 MODELS_ENV = "EDGE_MODELS"
+# Model variants a bundle may hold; "edgetpu" is the int8 model compiled by edgetpu_compiler (runs only on a Coral).
+VARIANTS = ("int8", "float", "edgetpu")
 _CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -143,8 +145,12 @@ class Bundle:
     def thresholds(self) -> dict[str, Any]:
         return dict(self.manifest.get("thresholds", {}))
 
-    def variants(self) -> list[str]:
-        return list(self.manifest["models"])
+    def variants(self, runnable: bool = False) -> list[str]:
+        """The bundle's model variants; `runnable`: only those this machine can run (no "edgetpu" without a Coral)."""
+        names = list(self.manifest["models"])
+        if runnable and "edgetpu" in names and edgetpu_delegate() is None:
+            names.remove("edgetpu")
+        return names
 
     def model_info(self, variant: str = "int8") -> dict[str, Any]:
         models = self.manifest["models"]

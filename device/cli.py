@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from device.bundle import Bundle, BundleError, default_models_dir
+from device.bundle import VARIANTS, Bundle, BundleError, default_models_dir
 from device.images import ImageError
 from device.runtime import ModelError
 
@@ -65,7 +65,9 @@ def _add_read_digit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, …)")
     p.add_argument("--bundle", type=Path, default=DEFAULT_MODELS / "digits", help="digits bundle folder (default: %(default)s)")
-    p.add_argument("--variant", choices=("int8", "float"), default="int8", help="which model of the bundle to run (default: int8)")
+    p.add_argument("--variant", choices=VARIANTS, default="int8",
+                   help="which model of the bundle to run; edgetpu needs a Coral and a bundle converted where "
+                        "edgetpu_compiler is installed (default: int8)")
     p.add_argument("--threads", type=positive_int, default=None, help="interpreter threads (default: all cores)")
     p.add_argument("--top", type=positive_int, default=3, help="how many candidates to report (default: 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")

@@ -8,6 +8,7 @@ than measure with a different interpreter than the device runs (the `host` extra
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -51,7 +52,15 @@ def interpreter_module() -> ModuleType:
 
 
 def edgetpu_delegate() -> Any | None:
-    """The Edge TPU delegate if libedgetpu is installed on this machine, else None."""
+    """The Edge TPU delegate if libedgetpu is installed on this machine, else None.
+
+    The library is looked up with ctypes first: LiteRT's `load_delegate` on a missing library leaves a half-built
+    Delegate whose destructor prints an "Exception ignored … AttributeError" traceback to stderr.
+    """
+    try:
+        ctypes.CDLL(_EDGETPU_LIBRARY)
+    except OSError:
+        return None
     module = interpreter_module()
     try:
         return module.load_delegate(_EDGETPU_LIBRARY)

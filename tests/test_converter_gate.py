@@ -122,3 +122,33 @@ def test_a_rejected_bundle_warns_and_is_not_benchmarked(models_dir: Path, tmp_pa
     assert "FAILED its accuracy gate" in caplog.text
     run = run_cli("-m", "device", "bench", "--models", str(models), "--out", str(tmp_path / "b"), "--runs", "1")
     assert run.returncode == 2 and "no bundles" in run.stderr
+
+
+def test_a_compiled_model_travels_in_the_bundle_as_the_edgetpu_variant(models_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """The compiler's output was thrown away with its temporary folder, so no bundle could reach a Coral's TPU.
+
+    No compiler or Edge TPU here: a stand-in compiler (writes `<stem>_edgetpu.tflite` with the marker a compiled
+    model carries) checks the packaging, the hashing and the clear error on a machine without the TPU."""
+    from converter.package import EDGETPU_FILE, model_pair
+
+    fake = tmp_path / "bin" / "edgetpu_compiler"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nout="$3"; name=$(basename "$4" .tflite)\n'
+                    'cat "$4" > "$out/${name}_edgetpu.tflite"\nprintf edgetpu-custom-op >> "$out/${name}_edgetpu.tflite"\n'
+                    'echo "Model compiled successfully."\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    shipped = models_dir / "digits"
+    pair = model_pair((shipped / "model_float.tflite").read_bytes(), (shipped / "model_int8.tflite").read_bytes(), "int8")
+    assert pair.edgetpu["ready"] and "model" not in pair.edgetpu["compiler_run"]  # no bytes in the manifest
+    assert pair.models["edgetpu"]["file"] == EDGETPU_FILE and pair.models["edgetpu"]["input"] == pair.models["int8"]["input"]
+    out = write_bundle(tmp_path / "digits", pair.files, {"task": "digits-classification", "models": pair.models,
+                                                         "labels": [str(d) for d in range(10)]}, "", {}, True)
+    bundle = Bundle.load(out)
+    assert bundle.manifest["files"][EDGETPU_FILE] and bundle.variants(runnable=True) == ["float", "int8"]
+    with pytest.raises(Exception, match="needs the Edge TPU"):
+        bundle.model("edgetpu")
+    run = run_cli("-m", "device", "read-digit", str(models_dir.parent / "README.md"), "--bundle", str(out),
+                  "--variant", "edgetpu")
+    assert run.returncode == 2 and "needs the Edge TPU" in run.stderr and "Traceback" not in run.stderr

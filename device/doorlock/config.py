@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from device.bundle import default_models_dir
+from device.bundle import VARIANTS, default_models_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -221,7 +221,7 @@ def _check(config: Config, name: str) -> None:
     pin = config.relay.pin
     if isinstance(pin, int) and pin not in BCM_PINS:
         raise ConfigError(f"{name}: [relay] pin {pin} is not a BCM GPIO number ({BCM_PINS.start}..{BCM_PINS.stop - 1})")
-    if config.model.variant not in ("int8", "float"):
-        raise ConfigError(f"{name}: [model] variant must be 'int8' or 'float', got {config.model.variant!r}")
+    if config.model.variant not in VARIANTS:
+        raise ConfigError(f"{name}: [model] variant must be one of {', '.join(VARIANTS)}, got {config.model.variant!r}")
     if not config.camera.source.strip():
         raise ConfigError(f"{name}: [camera] source is empty")

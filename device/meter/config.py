@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device.bundle import default_models_dir
+from device.bundle import VARIANTS, default_models_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -345,7 +345,7 @@ def load_config(path: str | Path) -> MeterConfig:
     model = root.table("model") or _Table({}, "model", path)
     default_bundle = default_models_dir() / "meter-digits"
     bundle = model.path("bundle", str(default_bundle))
-    variant = model.get("variant", str, "int8", choices=("int8", "float"))
+    variant = model.get("variant", str, "int8", choices=VARIANTS)
     threads = model.get("threads", int, None, lo=1)
     model.check_unknown()
 

@@ -162,7 +162,7 @@ def bench_meter(bundles: list[Path], runs: int = 50, threads: tuple[int, ...] = 
         bundle = Bundle.load(root)
         if bundle.task != TASK:
             continue
-        for variant in bundle.variants():
+        for variant in bundle.variants(runnable=True):
             for n in threads:
                 model = MeterDigitModel(bundle.model(variant, threads=n), bundle.preprocessing)
                 rows.append({"bundle": root.name, "variant": variant, "threads": n,
