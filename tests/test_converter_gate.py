@@ -152,3 +152,13 @@ def test_a_compiled_model_travels_in_the_bundle_as_the_edgetpu_variant(models_di
     run = run_cli("-m", "device", "read-digit", str(models_dir.parent / "README.md"), "--bundle", str(out),
                   "--variant", "edgetpu")
     assert run.returncode == 2 and "needs the Edge TPU" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_fixed_model_says_its_score_was_chosen_on_the_evaluation_set() -> None:
+    """--fix stops at the first op types that pass on the test set, so that model's int8 score is optimistic."""
+    from converter.gate import Gate, Quantized
+
+    gate = Gate("top1", 0.3, 0.98)
+    fixed = Quantized(int8=b"", float_score=0.99, int8_score=0.99, passed=True, float_ops=["SOFTMAX"]).record(gate, 0.0)
+    plain = Quantized(int8=b"", float_score=0.99, int8_score=0.99, passed=True).record(gate, 0.0)
+    assert "optimistic" in fixed["note"] and "note" not in plain
