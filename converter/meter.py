@@ -13,10 +13,11 @@ import numpy as np
 
 from converter.gate import Gate, quantize_with_gate, score_bytes
 from converter.metrics import compare_classifiers
-from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_trained, markdown_table, model_pair,
-                               toolchain, write_bundle)
+from converter.package import (EDGETPU_FILE, FLOAT_FILE, INT8_FILE, device_outputs, load_trained, markdown_table,
+                               model_pair, toolchain, write_bundle)
 from converter.tflite import to_float
-from device.meter.model import CLASSES, METER_SPEC, ROLLING_MARGIN, TASK, MeterDigitModel, batch_latency_ms, decode
+from device.meter.model import (CLASSES, METER_SPEC, ROLLING_MARGIN, TASK, TTA_VIEWS, MeterDigitModel, batch_latency_ms,
+                                decode, mean_over_views, view_inputs)
 from device.runtime import Model
 from training.datasets.meter import TEST_GROUPS, VALIDATION_GROUPS, load_meter_digits
 from training.meter import balanced_epoch, evaluate, inputs, is_whole
@@ -28,8 +29,9 @@ AIMS = {"whole_digit_accuracy": 0.995, "rolling_within_0.2": 0.98}
 
 
 def predict_positions(path: Path, x: np.ndarray, desc: str) -> np.ndarray:
-    """Wheel positions of a .tflite file through the device runtime (what ships is what we measure)."""
-    return decode(device_outputs(path, x, desc))[0]
+    """Wheel positions of a .tflite file through the device runtime (what ships is what we measure), from the
+    `view_inputs` of the crops: averaged over the TTA_VIEWS views of each, as MeterDigitModel does."""
+    return decode(mean_over_views(device_outputs(path, x, desc), len(TTA_VIEWS)))[0]
 
 
 def read_digits(values: np.ndarray) -> np.ndarray:
@@ -57,19 +59,22 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
     if test_limit:
         test = test.subset(np.sort(rng.choice(len(test), min(test_limit, len(test)), replace=False)))
     calibration = inputs([train.images[i] for i in balanced_epoch(train, rng)[:representative]])
-    x_test, y_test = inputs(test.images), test.labels
+    y_test = test.labels
     whole = is_whole(y_test)
     true_digits = read_digits(y_test[whole])
+    x_test = view_inputs(test.images, TTA_VIEWS)  # every crop's test-time views, as the device reads a wheel
+    x_whole = view_inputs([image for image, w in zip(test.images, whole) if w], TTA_VIEWS)
 
-    print(f"evaluating Keras float on {len(x_test):,} crops of {len(set(test.groups))} test meters …", flush=True)
-    keras_values = decode(model.predict(x_test, batch_size=256, verbose=0))[0]
+    print(f"evaluating Keras float on {len(y_test):,} crops ({len(TTA_VIEWS)} views each) of "
+          f"{len(set(test.groups))} test meters …", flush=True)
+    keras_values = decode(mean_over_views(model.predict(x_test, batch_size=256, verbose=0), len(TTA_VIEWS)))[0]
     print("converting to float32 TFLite …", flush=True)
     float_bytes = to_float(model)
     float_values = score_bytes(float_bytes, lambda p: predict_positions(p, x_test, "float TFLite"))
     float_score = float(np.mean(read_digits(float_values[whole]) == true_digits))
 
     def whole_digit_accuracy(path: Path) -> float:
-        return float(np.mean(read_digits(predict_positions(path, x_test[whole], "int8 TFLite")) == true_digits))
+        return float(np.mean(read_digits(predict_positions(path, x_whole, "int8 TFLite")) == true_digits))
 
     print(f"calibrating int8 on {representative} training crops and checking the gate …", flush=True)
     gate = Gate(metric="whole_digit_accuracy", max_drop_pp=max_drop_pp, min_score=min_accuracy)
@@ -101,6 +106,9 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
             "digit": f"nearest whole digit, or round-down when further than {ROLLING_MARGIN} from one (rolling)",
         },
         "thresholds": {"rolling_margin": ROLLING_MARGIN},
+        "inference": {"views": [list(v) for v in TTA_VIEWS],
+                      "meaning": "softmax averaged over the crop and the crop shifted by these (dx, dy) model-input "
+                                 "pixels (device.meter.model.crop_views); every metric here is measured that way"},
         "metrics": metrics,
         "gate": result.record(gate, comparison["drop_pp"]),
         "split": {
@@ -147,9 +155,10 @@ def quantize_meter(keras_path: Path, out: Path, data_dir: Path | None = None, re
 
 
 def _batch_latency(files: dict[str, bytes]) -> dict[str, dict[str, float]]:
-    """`classify` latency (preprocessing included) for a batch of 8 crops, per model file, 1 thread."""
-    return {name: score_bytes(data, lambda p: batch_latency_ms(MeterDigitModel(Model(p, threads=1))))
-            for name, data in files.items()}
+    """`classify` latency (preprocessing and the test-time views included) for a batch of 8 crops, per model file,
+    1 thread."""
+    return {name: score_bytes(data, lambda p: batch_latency_ms(MeterDigitModel(Model(p, threads=1), views=TTA_VIEWS)))
+            for name, data in files.items() if name != EDGETPU_FILE}  # that one runs only on a Coral
 
 
 def _cells(m: dict[str, Any]) -> list[float]:

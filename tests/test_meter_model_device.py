@@ -16,12 +16,16 @@ from device.images import ImageError, load_image
 from device.meter.model import (
     CLASSES,
     METER_SPEC,
+    TTA_VIEWS,
     MeterDigitModel,
     WheelReading,
     circular_distance,
     crop_to_input,
+    crop_views,
     decode,
+    mean_over_views,
     reading,
+    view_inputs,
 )
 from training.datasets.meter import meter_root
 
@@ -100,3 +104,33 @@ def test_other_bundles_are_refused(models_dir: Path, tmp_path: Path) -> None:
         MeterDigitModel.from_bundle(copy)
     with pytest.raises(BundleError, match="not a model bundle"):
         MeterDigitModel.from_bundle(tmp_path)
+
+
+def test_test_time_views_shift_by_whole_input_pixels(data_dir: Path) -> None:
+    """The views are the crop moved by one model-input pixel each way, whatever the crop's size."""
+    crop = load_image(sorted((meter_root(data_dir) / "watermeter" / "pp").rglob("*.jpg"))[0])
+    views = crop_views(crop, TTA_VIEWS)
+    assert len(views) == 5 and views[0] is not None and np.array_equal(views[0], crop)
+    right = crop_to_input(views[1])  # dx = +1: the content moves one input pixel to the right
+    base = crop_to_input(crop)
+    assert np.abs(right[:, 2:-1] - base[:, 1:-2]).mean() < np.abs(right[:, 2:-1] - base[:, 2:-1]).mean()
+    x = view_inputs([crop, crop], TTA_VIEWS)
+    assert x.shape == (10, *METER_SPEC["size"], 3)
+    probabilities = np.tile(np.eye(CLASSES, dtype=np.float32)[:5], (2, 1))  # each crop's 5 views: classes 0..4
+    assert np.allclose(mean_over_views(probabilities, 5), np.tile(np.eye(CLASSES)[:5].mean(axis=0), (2, 1)))
+
+
+def test_the_bundle_names_its_views_and_bad_ones_are_refused(models_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    assert MeterDigitModel.from_bundle(models_dir / "meter-digits").views == TTA_VIEWS
+    copy = tmp_path / "meter"
+    shutil.copytree(models_dir / "meter-digits", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["inference"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert MeterDigitModel.from_bundle(copy).views == ((0, 0),)  # a bundle from before views: one view
+    manifest["inference"] = {"views": [[0.5, 0]]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="pairs of whole pixels"):
+        MeterDigitModel.from_bundle(copy)

@@ -43,6 +43,12 @@ METER_SPEC: dict[str, Any] = {
 # A wheel within this many digits of a whole position shows that digit clearly; further away it
 # is "rolling" (two digits partly visible). 0.15 is half-way between the 0.1 and 0.2 steps.
 ROLLING_MARGIN = 0.15
+# Test-time views of each crop, (dx, dy) in model-input pixels: the softmax is averaged over the crop and the crop
+# shifted by one input pixel each way. A meter is read about once a minute, so 5 inferences per wheel cost nothing
+# that matters; chosen on the validation meters by a rule fixed before (training/DECISIONS.md, session 6). The
+# bundle names its views ("inference"); an older bundle without them runs one view.
+TTA_VIEWS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+SINGLE_VIEW: tuple[tuple[int, int], ...] = ((0, 0),)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,35 @@ def crop_to_input(crop: np.ndarray, spec: dict[str, Any] = METER_SPEC) -> np.nda
     return normalize(resized, spec)
 
 
+def crop_views(crop: np.ndarray, views: tuple[tuple[int, int], ...], spec: dict[str, Any] = METER_SPEC
+               ) -> list[np.ndarray]:
+    """The crop shifted by each (dx, dy) model-input pixels (w/20, h/32 crop pixels): a shift means the same on
+    every crop size. Linear warp with the border replicated, as training's augmentation shifts crops."""
+    image = check_image(crop, "meter digit crop")
+    height, width = image.shape[:2]
+    rows, cols = spec["size"]
+    out = []
+    for dx, dy in views:
+        if dx == 0 and dy == 0:
+            out.append(image)
+            continue
+        shift = np.float32([[1, 0, dx * width / cols], [0, 1, dy * height / rows]])
+        out.append(cv2.warpAffine(image, shift, (width, height), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_REPLICATE))
+    return out
+
+
+def view_inputs(crops: list[np.ndarray], views: tuple[tuple[int, int], ...], spec: dict[str, Any] = METER_SPEC
+                ) -> np.ndarray:
+    """Model inputs of every view of every crop, (len(crops) * len(views), H, W, 3), crop by crop."""
+    return np.stack([crop_to_input(view, spec) for crop in crops for view in crop_views(crop, views, spec)])
+
+
+def mean_over_views(outputs: np.ndarray, views: int) -> np.ndarray:
+    """(N * views, 100) softmax rows of `view_inputs` → (N, 100), averaged over each crop's views."""
+    return np.asarray(outputs, dtype=np.float32).reshape(-1, views, CLASSES).mean(axis=1)
+
+
 def circular_distance(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
     """Distance between wheel positions on the 0..10 circle: 9.9 and 0.0 are 0.1 apart."""
     d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 10.0
@@ -111,29 +146,41 @@ def reading(value: float, confidence: float) -> WheelReading:
     return WheelReading(value=value, digit=digit, rolling=rolling, confidence=float(confidence))
 
 
+def bundle_views(bundle: Bundle) -> tuple[tuple[int, int], ...]:
+    """The test-time views a meter bundle was measured with (one view for bundles made before views existed)."""
+    views = bundle.manifest.get("inference", {}).get("views", SINGLE_VIEW)
+    if not isinstance(views, list | tuple) or not views or not all(
+            isinstance(v, list | tuple) and len(v) == 2 and all(type(d) is int for d in v) for v in views):
+        raise BundleError(f"{bundle.root}: inference views must be [dx, dy] pairs of whole pixels, got {views!r}")
+    return tuple((int(dx), int(dy)) for dx, dy in views)
+
+
 class MeterDigitModel:
     """A meter digit model ready to classify wheel crops. Load once (usually from a bundle), classify many."""
 
-    def __init__(self, model: Model, spec: dict[str, Any] = METER_SPEC):
+    def __init__(self, model: Model, spec: dict[str, Any] = METER_SPEC,
+                 views: tuple[tuple[int, int], ...] = SINGLE_VIEW):
         if tuple(model.input_shape[1:3]) != tuple(spec["size"]):
             raise ModelError(f"{model.path.name} takes {model.input_shape[1:3]} input, the preprocessing "
                              f"spec gives {tuple(spec['size'])}")
         self.model = model
         self.spec = spec
+        self.views = tuple(tuple(v) for v in views)
 
     @classmethod
     def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "MeterDigitModel":
-        """Verify the bundle's hashes, then load its `variant` ("int8" or "float") model."""
+        """Verify the bundle's hashes, then load its `variant` model with the test-time views it was measured with."""
         bundle = Bundle.load(path)
         if bundle.task != TASK:
             raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a meter digit model ({TASK})")
-        return cls(bundle.model(variant, threads=threads), bundle.preprocessing)
+        return cls(bundle.model(variant, threads=threads), bundle.preprocessing, bundle_views(bundle))
 
     def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
-        """(N, 100) class probabilities, one row per crop (class k = position k / 10)."""
+        """(N, 100) class probabilities, one row per crop (class k = position k / 10), averaged over the views."""
         if not crops:
             return np.empty((0, CLASSES), np.float32)
-        return np.stack([self.model.run(crop_to_input(crop, self.spec))[0] for crop in crops])
+        x = view_inputs(crops, self.views, self.spec)
+        return mean_over_views(np.stack([self.model.run(v)[0].reshape(CLASSES) for v in x]), len(self.views))
 
     def classify(self, crops: list[np.ndarray]) -> list[WheelReading]:
         """One WheelReading per crop (BGR uint8 crops of any size, one per wheel, in any order)."""
@@ -164,7 +211,7 @@ def bench_meter(bundles: list[Path], runs: int = 50, threads: tuple[int, ...] = 
             continue
         for variant in bundle.variants(runnable=True):
             for n in threads:
-                model = MeterDigitModel(bundle.model(variant, threads=n), bundle.preprocessing)
+                model = MeterDigitModel(bundle.model(variant, threads=n), bundle.preprocessing, bundle_views(bundle))
                 rows.append({"bundle": root.name, "variant": variant, "threads": n,
                              **batch_latency_ms(model, runs=runs)})
     if not rows:
