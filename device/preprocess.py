@@ -94,6 +94,11 @@ def _sheet(gray: np.ndarray) -> np.ndarray | None:
     hull_area = float(cv2.contourArea(cv2.convexHull(outline)))
     if area < 0.75 * filled_area or filled_area < 0.85 * hull_area:
         return None
+    # A sheet is a quadrilateral, filling most of its rotated bounding box even in perspective; a bold light digit
+    # on a dark board (an "8" of 55 px strokes was read from its holes) fills far less of its box.
+    (_, _), (box_w, box_h), _ = cv2.minAreaRect(outline)
+    if filled_area < 0.85 * box_w * box_h:
+        return None
     surround = filled == 0
     if _border(surround).mean() < 0.5:  # most of the border is paper already: the usual framing copes
         return None
@@ -196,7 +201,8 @@ def mnist_style(image: np.ndarray) -> np.ndarray:
     ink = np.clip(gray - background, 0, None)
     peak = _ink_peak(ink)
     if peak < floor:
-        raise NoDigitError("no digit found: the image is blank or has almost no contrast")
+        raise NoDigitError("no digit found: the image is blank or has almost no contrast (or an uneven background, "
+                           "such as a hard shadow or the page's edge in view, hides it: crop the photo to the digit)")
     ink = np.clip(ink * (255.0 / peak), 0, 255).astype(np.uint8)
 
     # Strokes are what Otsu separates from the background; drop specks far smaller than the digit.

@@ -217,3 +217,19 @@ def test_cli_reads_images_and_reports_bad_ones_without_traceback(mnist_test, tmp
     for option in (["--top", "0"], ["--threads", "-1"]):  # were an IndexError and a "not a usable model" message
         bad = run_cli("-m", "device", "read-digit", str(good), *option)
         assert bad.returncode == 2 and "must be 1 or more" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bold_light_digits_on_a_dark_board_are_not_taken_for_a_sheet(reader: DigitReader) -> None:
+    """Review finding: a bold white digit (55 px strokes) filling a tight 400x600 photo passed the sheet-on-a-desk
+    test, and the reader then read its holes: 0123456789 came out as 0123450720, without an error. The digits
+    are rendered with OpenCV's Hershey font, as in the report; a sheet must fill its rotated box like a page."""
+    rng = np.random.default_rng(0)
+    read = []
+    for digit in range(10):
+        mask = np.zeros((600, 400), np.uint8)
+        (tw, th), _ = cv2.getTextSize(str(digit), cv2.FONT_HERSHEY_SIMPLEX, 14, 55)
+        cv2.putText(mask, str(digit), (200 - tw // 2, 300 + th // 2), cv2.FONT_HERSHEY_SIMPLEX, 14, 255, 55,
+                    cv2.LINE_AA)
+        photo = np.clip(30 + 0.8 * mask + rng.normal(0, 4, mask.shape), 0, 255).astype(np.uint8)
+        read.append(reader.read(photo).digit)
+    assert read == list(range(10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,27 @@ def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path
     result = run_cli("-m", "device.doorlock", "--config", str(bad), "check-config")
     assert result.returncode == 2 and "sha256" in result.stderr and "Traceback" not in result.stderr
 
+
+
+
+def test_a_bundle_that_failed_its_gate_is_refused(tmp_path: Path, models_dir: Path) -> None:
+    """Review finding: a converter's <name>.rejected bundle (kept as evidence) ran the door with only a warning,
+    and that warning was a plain-text line in the service's JSON log."""
+    import json
+
+    rejected = tmp_path / "face.rejected"
+    shutil.copytree(models_dir / "face", rejected)
+    manifest = json.loads((rejected / "manifest.json").read_text())
+    manifest["gate"]["passed"] = False
+    (rejected / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "rejected.toml"
+    config.write_text(f"[model]\nbundle = '{rejected}'\n")
+    result = run_cli("-m", "device.doorlock", "--config", str(config), "check-config")
+    assert result.returncode == 2 and "failed its accuracy gate" in result.stderr and "Traceback" not in result.stderr
+    code = ("import logging; from device.doorlock.service import setup_logging; setup_logging(); "
+            "logging.getLogger('device.bundle').warning('from the device package')")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stderr.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["from the device package"]
 
 
 UNIT = REPO / "device" / "doorlock" / "doorlock.service"

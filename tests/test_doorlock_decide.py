@@ -142,7 +142,7 @@ def test_per_attempt_threshold_refuses_strangers_that_tie_at_the_quota() -> None
 
 
 def decider(**changes) -> Decider:
-    return Decider(DecisionConfig(**changes), LivenessConfig(min_motion=1.0))
+    return Decider(DecisionConfig(**changes), LivenessConfig())
 
 
 def feed(d: Decider, people: list[str | None], crops: list[np.ndarray], t0: float = 0.0) -> list[Decision]:
@@ -194,6 +194,19 @@ def test_attempt_resets_when_face_leaves(crops) -> None:
     assert feed(d, ["ann"], crops, t0=10.2)[0].action == "unlock"  # … and the new attempt started at t0=10
 
 
+def test_passers_by_glimpsed_for_a_frame_do_not_lock_the_residents_out(crops) -> None:
+    """Review finding: five strangers seen for one frame each, 8 s apart, were five abandoned "refusals" and
+    locked everybody out for lockout_s, though an attempt shorter than votes_needed can never open the door."""
+    d = decider(votes_needed=3, window=5, idle_reset_s=2.0, max_attempts=5, lockout_s=120)
+    abandoned = []
+    for i in range(5):
+        feed(d, [None], crops, t0=8.0 * i)
+        abandoned += [x for x in [d.expire(8.0 * i + 2.5)] if x is not None]
+    assert [(x.action, x.frames) for x in abandoned] == [("abandoned", 1)] * 5  # still audited by the service
+    assert d.blocked(40.0) is None
+    assert [x.action for x in feed(d, ["ann"] * 3, crops, t0=41.0)] == ["unlock"]  # the resident gets in
+
+
 def test_abandoned_attempts_are_audited_refusals_and_lock_out(crops) -> None:
     """Failure report: a stranger who stepped away after 4 frames (before the 5-frame window completed) was
     silently forgotten after idle_reset_s: 1000 tries in 42 minutes, no audit row, no lockout."""
@@ -226,7 +239,32 @@ def test_still_photo_in_front_of_the_camera_is_not_live(recognizer: Recognizer, 
     differed by ~12.7 grey levels against min_motion 1.0. Also a photo moved by hand in its own plane."""
     frames = still_photo_frames(scene_frame(data_dir, photo), case, np.random.default_rng(1))
     score = motion(camera_crops(recognizer, frames))
-    assert score < 0.6 * LivenessConfig().min_motion, score  # measured 0.3-0.93: well under the default 2.0
+    assert score < 0.6 * LivenessConfig().min_motion, score  # measured at most 1.12 (session 6): under the default 2.0
+
+
+@pytest.mark.parametrize("blur", ["motion 5", "motion 9", "defocus 1.0", "defocus 1.5"])
+@pytest.mark.parametrize("photo", ["obama.jpg", "obama2.jpg"])
+def test_one_blurred_frame_of_a_still_photo_is_not_live(recognizer: Recognizer, data_dir: Path, photo: str,
+                                                        blur: str) -> None:
+    """Review finding: a still photo flicked sideways in one frame (motion blur) or slightly out of focus there
+    measured 3-5 grey levels, because blur is a change no affine warp undoes. The crops are now brought to the
+    same sharpness and compared more coarsely; a blur of 13 px or more can still pass (README)."""
+    rng = np.random.default_rng(2)
+    frame = scene_frame(data_dir, photo)
+    kind, size = blur.split()
+    if kind == "motion":
+        kernel = np.zeros((int(size), int(size)), np.float32)
+        kernel[int(size) // 2, :] = 1 / int(size)
+        odd = cv2.filter2D(frame, -1, kernel)
+    else:
+        odd = cv2.GaussianBlur(frame, (0, 0), float(size))
+    frames = [np.clip(f + rng.normal(0, 1.0, f.shape), 0, 255).astype(np.uint8) for f in (frame, frame, odd)]
+    recognizer._last_box = None
+    crops = [recognizer.process(f).crop for f in frames]
+    if crops[2] is None:  # obama2 at defocus 1.5: the blur check refuses that frame before it can vote
+        assert recognizer.process(odd).skipped.startswith("blurred")
+        return
+    assert motion(crops) < LivenessConfig().min_motion
 
 
 def lfw_frame(data_dir: Path, person: str, index: int) -> np.ndarray:

@@ -582,6 +582,30 @@ def test_a_stranger_who_walks_away_is_audited(tmp_path: Path, data_dir: Path, re
     db.close()
 
 
+def test_the_frame_that_ends_an_abandoned_attempt_still_counts(tmp_path: Path, data_dir: Path,
+                                                             recognizer: Recognizer) -> None:
+    """Review finding: the frame on which an earlier attempt was found abandoned was thrown away, so a resident
+    coming back was let in a frame late (and a one-frame arrival was lost). Liveness off: copies of the
+    enrolment photo, as in the other mechanics tests."""
+    config = make_config(tmp_path, liveness={"enabled": False})
+    db = FaceDB(config.storage.database)
+    enroll_all(db, recognizer, data_dir)
+    resident = letterbox(cv2.imread(str(scenes(data_dir, [MECHANICS_ATTEMPT[0]])[0])))
+    relay = Relay(17, unlock_s=0.3, pin_factory=MockFactory())
+    clock = Clock()
+    lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay,
+                    ScriptedSource([resident] * 3), clock=clock)
+    first = lock.step()
+    clock.now += 3.0  # no frame for 3 s (> idle_reset_s 2.0): the camera stalled, or the resident stepped away
+    actions = [first] + [lock.step(), lock.step()]
+    # the returning frame ends the one-frame attempt (abandoned, not counted: 1 < votes_needed) and starts the
+    # next one, which the following frame completes: votes_needed is 2
+    assert [None if d is None else d.action for d in actions] == [None, "abandoned", "unlock"]
+    assert relay.unlocked
+    relay.close()
+    db.close()
+
+
 def test_the_looser_bundle_threshold_is_logged_as_a_warning(tmp_path: Path, data_dir: Path,
                                                             recognizer: Recognizer) -> None:
     """far_0.1pct is allowed (it admitted 7.8% of strangers per attempt in the README's test), but never silently."""

@@ -17,9 +17,10 @@ The rules that matter for safety, and why:
   jitters around it), which the alignment removes; a live face changes non-rigidly (blinks, expression,
   head rotation against the background). This catches a still or hand-shifted flat picture and nothing
   more; see the README for what it misses.
-- A face that leaves before a decision (no face for `idle_reset_s`) is an *abandoned* attempt: audited and
-  counted towards the lockout like a refusal, or a stranger could try without limit by stepping away after
-  every few frames.
+- A face that leaves before a decision (no face for `idle_reset_s`) is an *abandoned* attempt: audited, and
+  counted towards the lockout like a refusal when it had at least `votes_needed` frames, or a stranger could try
+  without limit by stepping away after every few frames. Shorter ones (a passer-by glimpsed for a frame) could
+  never have opened the door and are not counted, or passers-by would lock the residents out.
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ class Gallery:
         return Match(name if score >= threshold else None, name, distance, score)
 
 
-# Liveness measure. The crops are smoothed first so that sensor noise averages out, aligned by ECC with an affine
-# model (shift, scale, rotation, shear: a photo moved by hand in its own plane, and Haar box jitter), then
-# compared inside a margin that the warp's border handling cannot reach.
-_MOTION_BLUR_SIGMA = 1.5
+# Liveness measure. The crops are brought to one sharpness, smoothed so that sensor noise and the rest of a blur
+# difference average out (sigma 3: a one-frame motion blur of 9 px stays under min_motion, two photos of one person
+# still score 18-47), aligned by ECC with an affine model (shift, scale, rotation, shear: a photo moved by hand in
+# its own plane, and Haar box jitter), then compared inside a margin that the warp's border cannot reach.
+_MOTION_BLUR_SIGMA = 3.0
 _MOTION_MARGIN = 12
 _ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
 
@@ -109,8 +111,9 @@ def aligned_change(reference: np.ndarray, crop: np.ndarray) -> float:
     When ECC cannot align the two (no correlation: different content), the unaligned difference is used —
     such a pair is not a still picture.
     """
-    a = cv2.GaussianBlur(reference.astype(np.float32), (0, 0), _MOTION_BLUR_SIGMA)
-    b = cv2.GaussianBlur(crop.astype(np.float32), (0, 0), _MOTION_BLUR_SIGMA)
+    a, b = _equally_sharp(reference.astype(np.float32), crop.astype(np.float32))
+    a = cv2.GaussianBlur(a, (0, 0), _MOTION_BLUR_SIGMA)
+    b = cv2.GaussianBlur(b, (0, 0), _MOTION_BLUR_SIGMA)
     warp = np.eye(2, 3, dtype=np.float32)
     try:
         _, warp = cv2.findTransformECC(a, b, warp, cv2.MOTION_AFFINE, _ECC_CRITERIA, None, 1)
@@ -125,11 +128,35 @@ def aligned_change(reference: np.ndarray, crop: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
 
 
+def _sharpness(image: np.ndarray) -> float:
+    return float(cv2.Laplacian(image, cv2.CV_32F).var())
+
+
+def _equally_sharp(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sharper crop blurred until it is no sharper than the other. A photo flicked sideways in one frame is
+    motion-blurred there, and blur is a change no affine warp undoes: without this, one blurred frame of a
+    still photo measured 3-5 grey levels (a review finding), more than a live face needs."""
+    if _sharpness(a) < _sharpness(b):
+        b, a = _equally_sharp(b, a)
+        return a, b
+    target = _sharpness(b)
+    for sigma in _SOFTEN_SIGMAS:
+        if _sharpness(a) <= target:
+            break
+        a = cv2.GaussianBlur(a, (0, 0), sigma)
+    return a, b
+
+
+_SOFTEN_SIGMAS = (0.5, 0.5, 0.75, 1.0, 1.0, 1.5, 2.0, 3.0)  # successive blurs: sigmas add in quadrature
+
+
 def motion(crops: list[np.ndarray]) -> float:
     """Largest non-rigid change of any later face crop against the first one (0 for a still picture).
 
     Against the first rather than the previous crop, so that a slow live change (a face turning over five
-    frames) adds up instead of being split into steps each too small to tell from noise.
+    frames) adds up instead of being split into steps each too small to tell from noise. The largest, because a
+    live change can be a single frame (a blink); so one odd frame of a still picture (a finger crossing it, a
+    flick strong enough to blur it) can pass too, which the README lists among what this does not stop.
     """
     if len(crops) < 2:
         return 0.0
@@ -139,7 +166,8 @@ def motion(crops: list[np.ndarray]) -> float:
 @dataclass(frozen=True)
 class Decision:
     """What happened to one attempt: `action` is unlock, deny, not_live (liveness failed) or abandoned (the face
-    left before a decision); all but unlock count as refusals towards the lockout."""
+    left before a decision); deny and not_live count as refusals towards the lockout, and so does an abandoned
+    attempt that had at least `votes_needed` frames (enough to have unlocked)."""
 
     action: str
     person: str | None
@@ -195,6 +223,10 @@ class Decider:
         decision = Decision("abandoned", None, min(v.match.distance for v in votes), len(votes), 0.0,
                             f"face left after {len(votes)} frame(s) without a decision ({matched} matched anyone; "
                             f"nearest: {best.match.nearest})", best.match.score)
+        if len(votes) < self.decision.votes_needed:
+            # Too few frames to have opened the door for anyone: audited, but not a refusal. Counting it let
+            # five passers-by glimpsed for a frame each lock the residents out (a review finding).
+            return decision
         return self._refused(decision, now)
 
     def observe(self, match: Match, crop: np.ndarray, now: float) -> Decision | None:

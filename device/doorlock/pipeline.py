@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.bundle import sha256_file
+from device.bundle import Bundle, BundleError, sha256_file
 from device.detect import Face, FaceDetector, blur_score
 from device.doorlock.config import Config, ConfigError
 from device.doorlock.decide import Gallery, Match
@@ -45,6 +45,9 @@ class Recognizer:
     def from_config(cls, config: Config) -> "Recognizer":
         d = config.detector
         detector = FaceDetector(d.yunet_model, detect_width=d.detect_width, min_face=d.min_face)
+        gate = Bundle.load(config.model.bundle, verify=False).manifest.get("gate", {})
+        if isinstance(gate, dict) and gate.get("passed") is False:  # a converter's <name>.rejected evidence
+            raise BundleError(f"{config.model.bundle} failed its accuracy gate: the door lock will not run it")
         embedder = FaceEmbedder.from_bundle(config.model.bundle, variant=config.model.variant,
                                             threads=config.model.threads or None)
         return cls(detector, embedder, d.min_blur)

@@ -55,11 +55,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """JSON lines for the door lock's own events and for the device package's (bundle, runtime) messages, so
+    the service log stays one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    for logger in (log, logging.getLogger("device")):
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -134,7 +137,13 @@ class DoorLock:
         now = self.clock()
         abandoned = self.decider.expire(now)  # on every frame, face or not: the face may never come back
         if abandoned is not None:
-            return self._act(abandoned, None)  # this frame shows no one from that attempt: no snapshot
+            self._act(abandoned, None)  # this frame shows no one from that attempt: no snapshot
+        # ... and the frame itself is still judged: it may be the first of the next attempt
+        decision = self._judge(frame, now)
+        return decision if decision is not None else abandoned
+
+    def _judge(self, frame: np.ndarray, now: float) -> Decision | None:
+        """Recognise one frame and vote with it; the Decision (acted on) when it completes an attempt."""
         if self.decider.blocked(now):
             return None
         try:

@@ -68,9 +68,10 @@ class History:
                 cutoff = time.time() - self.keep_days * 86400
                 if self.keep_rows is None:
                     self._db.execute("DELETE FROM readings WHERE time < ?", (cutoff,))
-                else:  # no row when fewer than keep_rows exist: `id <= NULL` deletes nothing
-                    self._db.execute("DELETE FROM readings WHERE time < ? AND id <= (SELECT id FROM readings "
-                                     "ORDER BY id DESC LIMIT 1 OFFSET ?)", (cutoff, int(self.keep_rows)))
+                else:  # ids only grow (AUTOINCREMENT), so the newest keep_rows are those above MAX(id) - keep_rows;
+                    # an OFFSET scan here cost 8-44 ms per insert at a year of readings (a review finding)
+                    self._db.execute("DELETE FROM readings WHERE time < ? AND id <= (SELECT MAX(id) FROM readings) - ?",
+                                     (cutoff, int(self.keep_rows)))
                 self._db.commit()
             except sqlite3.Error:
                 self._db.rollback()  # a locked or full database: leave no half-open transaction behind
