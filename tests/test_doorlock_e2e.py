@@ -16,6 +16,7 @@ The relay is gpiozero's MockFactory pin, observed over time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -288,13 +290,7 @@ def test_service_survives_bad_frames_and_camera_loss(tmp_path: Path, data_dir: P
     relay = Relay(17, unlock_s=0.3, pin_factory=factory)
     audit = AuditLog(config.storage.database)
     lock = DoorLock(config, recognizer, db, audit, relay, FolderSource(folder), clock=Clock())
-    lines: list[str] = []
-    handler = _Capture(lines)
-    logger = logging.getLogger("doorlock")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with events() as lines:
         assert lock.step() is None  # obama3: one vote
         assert lock.step() is None and "bad_frame" in lines[-1]
 
@@ -312,9 +308,6 @@ def test_service_survives_bad_frames_and_camera_loss(tmp_path: Path, data_dir: P
         video.write_bytes(saved)
         lock.step()
         assert "camera_back" in lines[-1] and not lock.camera_down
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert factory.pin(17).state is False
     relay.close()
     db.close()
@@ -335,13 +328,8 @@ def test_a_failing_snapshot_keeps_the_audit_row_and_the_door(tmp_path: Path, dat
     config.storage.snapshots.rmdir()
     config.storage.snapshots.write_text("not a folder any more")
     lock = DoorLock(config, recognizer, db, audit, relay, FolderSource(folder), clock=Clock())
-    lines: list[str] = []
-    handler = _Capture(lines)
-    logging.getLogger("doorlock").addHandler(handler)
-    try:
+    with events() as lines:
         decisions = [d for d in (lock.step() for _ in range(len(STRANGERS) * 2)) if d is not None]
-    finally:
-        logging.getLogger("doorlock").removeHandler(handler)
     assert decisions and all(d.action != "unlock" for d in decisions)
     assert sum("snapshot_failed" in line for line in lines) == len(decisions), lines
     assert not any("audit_failed" in line for line in lines)
@@ -359,6 +347,21 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def events() -> Iterator[list[str]]:
+    """The names of the door lock's log events while the block runs (at INFO, whatever the level was)."""
+    lines: list[str] = []
+    handler, logger = _Capture(lines), logging.getLogger("doorlock")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_enroll_from_camera(tmp_path: Path, data_dir: Path) -> None:
@@ -512,13 +515,8 @@ def test_recognition_continues_after_a_resolution_change(tmp_path: Path, data_di
     relay = Relay(17, unlock_s=0.3, pin_factory=factory)
     lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay,
                     ScriptedSource([wide] + [small] * 3), clock=Clock())
-    lines: list[str] = []
-    handler = _Capture(lines)
-    logging.getLogger("doorlock").addHandler(handler)
-    try:
+    with events() as lines:
         decisions = [d for d in (lock.step() for _ in range(4)) if d is not None]
-    finally:
-        logging.getLogger("doorlock").removeHandler(handler)
     assert not any("bad_frame" in line for line in lines), lines
     # Two attempts (2 of 3 votes each): the second one only from frames after the change. Copies of one photo: not live.
     assert [(d.action, d.person) for d in decisions] == [("not_live", "Barack Obama")] * 2
@@ -540,18 +538,11 @@ def test_a_locked_database_keeps_the_old_gallery_and_the_door(tmp_path: Path, da
                     clock=Clock())
     other = sqlite3.connect(str(config.storage.database), isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
-    lines: list[str] = []
-    handler = _Capture(lines)
-    logger = logging.getLogger("doorlock")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
     try:
-        lock.check_gallery()
-        decisions = [d for d in (lock.step() for _ in strangers) if d is not None]
+        with events() as lines:
+            lock.check_gallery()
+            decisions = [d for d in (lock.step() for _ in strangers) if d is not None]
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         other.execute("COMMIT")
         other.close()
     assert lines == ["gallery_check_failed", "audit_failed", "decision"]
@@ -615,13 +606,8 @@ def test_the_looser_bundle_threshold_is_logged_as_a_warning(tmp_path: Path, data
     relay = Relay(17, unlock_s=0.3, pin_factory=MockFactory())
     lock = DoorLock(config, recognizer, db, AuditLog(config.storage.database), relay, ScriptedSource([]),
                     clock=Clock())
-    lines: list[str] = []
-    handler = _Capture(lines)
-    logging.getLogger("doorlock").addHandler(handler)
-    try:
+    with events() as lines:
         lock.run()  # ends at once: the source has no frames
-    finally:
-        logging.getLogger("doorlock").removeHandler(handler)
     assert "threshold_loose" in lines
     relay.close()
     db.close()
