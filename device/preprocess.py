@@ -56,12 +56,18 @@ def _ink_peak(ink: np.ndarray) -> float:
     the image, taken after a 3x3 erosion (each pixel's darkest neighbour), which a stroke 3 px wide or more keeps
     at full strength but sensor noise, dust specks and salt-and-pepper pixels do not survive.
     """
-    percentile = float(np.percentile(ink, 99.5)) if ink.size > 400 else float(ink.max())
     if min(ink.shape) <= _SMALL:
-        return percentile
-    cores = cv2.erode(ink, np.ones((3, 3), np.uint8)).ravel()
-    strongest = float(np.partition(cores, cores.size - _PEAK_PIXELS)[cores.size - _PEAK_PIXELS])
-    return max(percentile, strongest)
+        return float(np.percentile(ink, 99.5)) if ink.size > 400 else float(ink.max())
+    cores = cv2.erode(ink, np.ones((3, 3), np.uint8))
+    return max(_kth_largest(ink, int(np.ceil(0.005 * ink.size))), _kth_largest(cores, _PEAK_PIXELS))
+
+
+def _kth_largest(values: np.ndarray, k: int) -> float:
+    """The k-th largest of non-negative values, to a quarter grey level, from a histogram: a sort-based
+    partition of a 12 MP photo took ~30 ms, and the peak is needed three times per photo."""
+    counts = np.bincount((values.ravel() * 4).astype(np.int64))
+    from_top = np.cumsum(counts[::-1])
+    return (len(counts) - 1 - int(np.searchsorted(from_top, k))) / 4
 
 
 def _sheet(gray: np.ndarray) -> np.ndarray | None:
