@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -134,3 +135,31 @@ def test_the_bundle_names_its_views_and_bad_ones_are_refused(models_dir: Path, t
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="pairs of whole pixels"):
         MeterDigitModel.from_bundle(copy)
+
+
+def test_contrast_stretch_is_an_opt_in_that_reads_dim_red_wheels(models_dir: Path, data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Grey digits on a dark red wheel (test meter watermeter/pp) read badly. The opt-in stretch, per meter in its
+    config, gives each channel its full range back. Crops: real validation-meter crops re-rendered dim red
+    (the validation check of training/DECISIONS.md); the option is off unless a config asks for it."""
+    from device.meter.model import stretch_contrast
+
+    files = sorted((meter_root(data_dir) / "powermeter" / "unknown" / "timm").rglob("*.jpg"))
+    crops, labels = [], []
+    for f in files:
+        label = f.name.split("_")[0]
+        if label.endswith(".0"):  # whole digits
+            grey = cv2.cvtColor(load_image(f), cv2.COLOR_BGR2GRAY).astype(np.float32)
+            crops.append(np.stack([0.05 * grey + 5, 0.08 * grey + 5, 0.35 * grey + 50], axis=2).astype(np.uint8))
+            labels.append(int(float(label)))
+        if len(crops) == 30:
+            break
+    stretched = stretch_contrast(crops[0])
+    assert stretched.dtype == np.uint8 and all(np.ptp(stretched[..., c]) > 200 for c in range(3))
+    plain = MeterDigitModel.from_bundle(models_dir / "meter-digits")
+    opted = MeterDigitModel.from_bundle(models_dir / "meter-digits", stretch=True)
+    right = {name: np.mean([r.digit == y for r, y in zip(model.classify(crops), labels)])
+             for name, model in (("plain", plain), ("stretch", opted))}
+    assert right["stretch"] >= 0.9 and right["stretch"] > right["plain"] + 0.3, right
+    example = Path(__file__).resolve().parents[1] / "device" / "meter" / "examples" / "water.toml"
+    assert "stretch_contrast = false" in example.read_text()

@@ -220,6 +220,18 @@ def test_cli_run_service_on_a_folder_of_frames(tmp_path: Path, pick) -> None:
     assert mark.returncode == 2 and "inside the 640x480 image" in mark.stderr
 
 
+def test_contrast_stretch_is_off_unless_the_meter_config_asks(tmp_path: Path, pick) -> None:
+    """The opt-in for low-contrast wheel meters reaches the model only from `[model] stretch_contrast = true`."""
+    _, config_path = compose_meter(tmp_path, pick(("0.0", "4.0")))
+    assert MeterReader.from_config(load_config(config_path)).model.stretch is False
+    text = config_path.read_text().replace("[alignment]", "stretch_contrast = true\n\n[alignment]", 1)
+    config_path.write_text(text)
+    assert MeterReader.from_config(load_config(config_path)).model.stretch is True
+    config_path.write_text(text.replace("stretch_contrast = true", "stretch_contrast = 1"))
+    with pytest.raises(ConfigError, match="stretch_contrast"):
+        load_config(config_path)
+
+
 def test_example_config_is_valid(tmp_path: Path) -> None:
     """The shipped example loads once its reference-mark images exist (they are cut per installation)."""
     example = Path(__file__).resolve().parents[1] / "device" / "meter" / "examples" / "water.toml"

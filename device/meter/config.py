@@ -141,6 +141,7 @@ class MeterConfig:
     bundle: Path
     variant: str
     threads: int | None
+    stretch_contrast: bool  # opt-in for low-contrast wheel meters (device.meter.model.stretch_contrast); never LCDs
     alignment: AlignmentConfig
     digits: tuple[Roi, ...]
     reading: ReadingConfig
@@ -347,6 +348,7 @@ def load_config(path: str | Path) -> MeterConfig:
     bundle = model.path("bundle", str(default_bundle))
     variant = model.get("variant", str, "int8", choices=VARIANTS)
     threads = model.get("threads", int, None, lo=1)
+    stretch = model.get("stretch_contrast", bool, False)
     model.check_unknown()
 
     capture = root.table("capture") or _Table({}, "capture", path)
@@ -361,7 +363,7 @@ def load_config(path: str | Path) -> MeterConfig:
 
     config = MeterConfig(
         path=path, name=name, unit=unit, device_class=device_class, bundle=bundle, variant=variant,
-        threads=threads, alignment=_alignment(root), digits=digits, reading=reading,
+        threads=threads, stretch_contrast=stretch, alignment=_alignment(root), digits=digits, reading=reading,
         postprocess=_postprocess(root, name), source=source, interval_s=interval,
         capture_size=tuple(size) if size else None, **_outputs(root, name),
     )

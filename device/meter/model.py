@@ -102,6 +102,21 @@ def crop_views(crop: np.ndarray, views: tuple[tuple[int, int], ...], spec: dict[
     return out
 
 
+def stretch_contrast(crop: np.ndarray) -> np.ndarray:
+    """Each channel's 2nd..98th percentile stretched to 0..255: the per-meter opt-in for low-contrast wheels.
+
+    Grey digits on a dark red wheel (a test meter) read badly, and teaching the model such crops by re-colouring
+    broke the blank LCD positions (training/DECISIONS.md). Applied at inference, only to a meter whose config asks
+    for it, it lifts the validation "dim red" crops from 17% to 99% whole digits and costs ordinary wheel meters
+    0.5 pp of ±0.2 (a rule fixed before the numbers, session 6). Never for LCD counters: it would make a blank
+    position's faint ghost segments look like a digit.
+    """
+    image = check_image(crop, "meter digit crop").astype(np.float32)
+    low = np.percentile(image, 2, axis=(0, 1))
+    high = np.percentile(image, 98, axis=(0, 1))
+    return np.clip((image - low) * 255.0 / np.maximum(high - low, 1.0), 0, 255).astype(np.uint8)
+
+
 def view_inputs(crops: list[np.ndarray], views: tuple[tuple[int, int], ...], spec: dict[str, Any] = METER_SPEC
                 ) -> np.ndarray:
     """Model inputs of every view of every crop, (len(crops) * len(views), H, W, 3), crop by crop."""
@@ -159,27 +174,30 @@ class MeterDigitModel:
     """A meter digit model ready to classify wheel crops. Load once (usually from a bundle), classify many."""
 
     def __init__(self, model: Model, spec: dict[str, Any] = METER_SPEC,
-                 views: tuple[tuple[int, int], ...] = SINGLE_VIEW):
+                 views: tuple[tuple[int, int], ...] = SINGLE_VIEW, stretch: bool = False):
         if tuple(model.input_shape[1:3]) != tuple(spec["size"]):
             raise ModelError(f"{model.path.name} takes {model.input_shape[1:3]} input, the preprocessing "
                              f"spec gives {tuple(spec['size'])}")
         self.model = model
         self.spec = spec
         self.views = tuple(tuple(v) for v in views)
+        self.stretch = stretch
 
     @classmethod
-    def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "MeterDigitModel":
-        """Verify the bundle's hashes, then load its `variant` model with the test-time views it was measured with."""
+    def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None,
+                    stretch: bool = False) -> "MeterDigitModel":
+        """Verify the bundle's hashes, then load its `variant` model with the test-time views it was measured with;
+        `stretch` turns on `stretch_contrast` for a low-contrast wheel meter."""
         bundle = Bundle.load(path)
         if bundle.task != TASK:
             raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a meter digit model ({TASK})")
-        return cls(bundle.model(variant, threads=threads), bundle.preprocessing, bundle_views(bundle))
+        return cls(bundle.model(variant, threads=threads), bundle.preprocessing, bundle_views(bundle), stretch)
 
     def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
         """(N, 100) class probabilities, one row per crop (class k = position k / 10), averaged over the views."""
         if not crops:
             return np.empty((0, CLASSES), np.float32)
-        x = view_inputs(crops, self.views, self.spec)
+        x = view_inputs([stretch_contrast(c) for c in crops] if self.stretch else crops, self.views, self.spec)
         return mean_over_views(np.stack([self.model.run(v)[0].reshape(CLASSES) for v in x]), len(self.views))
 
     def classify(self, crops: list[np.ndarray]) -> list[WheelReading]:

@@ -165,7 +165,8 @@ class MeterReader:
         """Load the config's model bundle (hashes verified) and the reference marks."""
         from device.meter.model import MeterDigitModel
 
-        return cls(config, MeterDigitModel.from_bundle(config.bundle, variant=config.variant, threads=config.threads))
+        return cls(config, MeterDigitModel.from_bundle(config.bundle, variant=config.variant, threads=config.threads,
+                                                       stretch=config.stretch_contrast))
 
     def read(self, frame: np.ndarray) -> MeterReading:
         """Align, crop, classify all wheels, assemble. Never raises for a bad frame: it refuses."""
