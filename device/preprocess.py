@@ -65,7 +65,7 @@ def _ink_peak(ink: np.ndarray) -> float:
 def _kth_largest(values: np.ndarray, k: int) -> float:
     """The k-th largest of non-negative values, to a quarter grey level, from a histogram: a sort-based
     partition of a 12 MP photo took ~30 ms, and the peak is needed three times per photo."""
-    counts = np.bincount((values.ravel() * 4).astype(np.int64))
+    counts = np.bincount((values.ravel().astype(np.float64) * 4).astype(np.int64))  # uint8 * 4 would wrap
     from_top = np.cumsum(counts[::-1])
     return (len(counts) - 1 - int(np.searchsorted(from_top, k))) / 4
 
@@ -100,10 +100,13 @@ def _sheet(gray: np.ndarray) -> np.ndarray | None:
     hull_area = float(cv2.contourArea(cv2.convexHull(outline)))
     if area < 0.75 * filled_area or filled_area < 0.85 * hull_area:
         return None
-    # A sheet is a quadrilateral, filling most of its rotated bounding box even in perspective; a bold light digit
-    # on a dark board (an "8" of 55 px strokes was read from its holes) fills far less of its box.
+    # A sheet is a quadrilateral (a trapezoid when photographed at a slant), which a light digit on a dark board
+    # is not: a bold "8" of 55 px strokes was taken for a sheet and read from its holes. Its outline must reduce
+    # to four corners that it fills, or else fill most of its rotated bounding box.
+    corners = cv2.approxPolyDP(outline, 0.02 * cv2.arcLength(outline, True), True)
+    quadrilateral = len(corners) == 4 and filled_area >= 0.9 * cv2.contourArea(corners)
     (_, _), (box_w, box_h), _ = cv2.minAreaRect(outline)
-    if filled_area < 0.85 * box_w * box_h:
+    if not quadrilateral and filled_area < 0.85 * box_w * box_h:
         return None
     surround = filled == 0
     if _border(surround).mean() < 0.5:  # most of the border is paper already: the usual framing copes

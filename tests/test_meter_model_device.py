@@ -131,10 +131,11 @@ def test_the_bundle_names_its_views_and_bad_ones_are_refused(models_dir: Path, t
     del manifest["inference"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert MeterDigitModel.from_bundle(copy).views == ((0, 0),)  # a bundle from before views: one view
-    manifest["inference"] = {"views": [[0.5, 0]]}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="pairs of whole pixels"):
-        MeterDigitModel.from_bundle(copy)
+    for damaged in ({"views": [[0.5, 0]]}, {"views": [[50, 0]]}, None, [], "x"):  # None, [], "x" were AttributeErrors
+        manifest["inference"] = damaged
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match="pairs of whole pixels"):
+            MeterDigitModel.from_bundle(copy)
 
 
 def test_contrast_stretch_is_an_opt_in_that_reads_dim_red_wheels(models_dir: Path, data_dir: Path,

@@ -49,6 +49,7 @@ ROLLING_MARGIN = 0.15
 # bundle names its views ("inference"); an older bundle without them runs one view.
 TTA_VIEWS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 SINGLE_VIEW: tuple[tuple[int, int], ...] = ((0, 0),)
+MAX_VIEW_SHIFT = 3  # input pixels: beyond this a view loses the digit (training shifts crops by about ±1.5)
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,13 @@ def reading(value: float, confidence: float) -> WheelReading:
 
 def bundle_views(bundle: Bundle) -> tuple[tuple[int, int], ...]:
     """The test-time views a meter bundle was measured with (one view for bundles made before views existed)."""
-    views = bundle.manifest.get("inference", {}).get("views", SINGLE_VIEW)
+    inference = bundle.manifest.get("inference", {})
+    views = inference.get("views", SINGLE_VIEW) if isinstance(inference, dict) else inference
     if not isinstance(views, list | tuple) or not views or not all(
-            isinstance(v, list | tuple) and len(v) == 2 and all(type(d) is int for d in v) for v in views):
-        raise BundleError(f"{bundle.root}: inference views must be [dx, dy] pairs of whole pixels, got {views!r}")
+            isinstance(v, list | tuple) and len(v) == 2 and all(type(d) is int and abs(d) <= MAX_VIEW_SHIFT for d in v)
+            for v in views):
+        raise BundleError(f"{bundle.root}: inference views must be [dx, dy] pairs of whole pixels within "
+                          f"±{MAX_VIEW_SHIFT}, got {views!r}")
     return tuple((int(dx), int(dy)) for dx, dy in views)
 
 
