@@ -101,11 +101,16 @@ class Bundle:
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()
-        if isinstance(manifest.get("gate"), dict) and manifest["gate"].get("passed") is False:
-            # kept by the converter as evidence (<out>.rejected); runnable for a look, never silently
+        if bundle.rejected:  # runnable for a look, never silently
             log.warning("bundle %s FAILED its accuracy gate (%s): it is evidence, not a model to deploy",
                         root, manifest["gate"].get("metric", "?"))
         return bundle
+
+    @property
+    def rejected(self) -> bool:
+        """Whether the converter's accuracy gate failed this bundle (kept by it as evidence in <out>.rejected)."""
+        gate = self.manifest.get("gate")
+        return isinstance(gate, dict) and gate.get("passed") is False
 
     def verify(self) -> None:
         """Raise BundleError unless every file listed in the manifest exists with its recorded sha256."""

@@ -45,8 +45,7 @@ class Recognizer:
     def from_config(cls, config: Config) -> "Recognizer":
         d = config.detector
         detector = FaceDetector(d.yunet_model, detect_width=d.detect_width, min_face=d.min_face)
-        gate = Bundle.load(config.model.bundle, verify=False).manifest.get("gate", {})
-        if isinstance(gate, dict) and gate.get("passed") is False:  # a converter's <name>.rejected evidence
+        if Bundle.load(config.model.bundle, verify=False).rejected:  # hashes: checked by from_bundle below
             raise BundleError(f"{config.model.bundle} failed its accuracy gate: the door lock will not run it")
         embedder = FaceEmbedder.from_bundle(config.model.bundle, variant=config.model.variant,
                                             threads=config.model.threads or None)
