@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED := 1
 QUANTIZE_TARGETS := quantize-digits
 QUANTIZE_TARGETS += quantize-meter
 QUANTIZE_TARGETS += quantize-face
+QUANTIZE_TARGETS += quantize-face-resnet
 
 .PHONY: env quantize test bench clean deploy face-recipes face-pack $(QUANTIZE_TARGETS)
 
@@ -53,6 +54,12 @@ quantize-face: env $(VENV)/.teacher
 	$(PY) -m training face --data-dir $(DATA_DIR) --init $(BUILD)/face/model/model.keras --versions 13 --epochs 2 \
 		--lr 5e-4 --out $(BUILD)/face/finetune
 	$(PY) -m converter face --data-dir $(DATA_DIR) --model $(BUILD)/face/finetune/model.keras --out models/face
+
+# dlib's face ResNet rebuilt in Keras from its public-domain weights (no training; seconds), framed on our grey crops
+# without landmarks, then converted and gated like the student: the door lock's default embedder.
+quantize-face-resnet: env
+	$(PY) -m training face-resnet --out $(BUILD)/face-resnet
+	$(PY) -m converter face --data-dir $(DATA_DIR) --model $(BUILD)/face-resnet/model.keras --out models/face-resnet
 
 # Everything a GPU machine needs to train the face model (no LFW folder, no dlib there): build/face/pack.npz,
 # 13 versions (stage 1 reads the first 9: `--pack build/face/pack.npz`, stage 2 adds `--versions 13 --init ...`).

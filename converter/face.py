@@ -225,7 +225,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     drop_pp = 100 * (float_report["accuracy_mean"] - int8_report["accuracy_mean"])
     manifest: dict[str, Any] = {
         "task": "face-embedding",
-        "name": "face",
+        "name": out.name,  # models/face (the distilled student) or models/face-resnet (dlib's network, ported)
         "description": "128-D unit face embedding of a grey face crop (device.face.crop_face of a Haar box gives "
                        f"128x128, resized to the model's {spec['size'][0]}x{spec['size'][1]} by device.face.face_input); "
                        "same person when the Euclidean distance is <= a threshold, or when the score normalised "
@@ -284,7 +284,7 @@ def _side_by_side(metrics: dict[str, Any], sizes: dict[str, int], latency: dict[
     rows = [
         _row("teacher: dlib ResNet + 5-pt aligner (host)", metrics["teacher"],
              f"{teacher_kb:,.0f} KB" if teacher_kb else "-", "see models/face-bench.md"),
-        _row("Keras float (student)", metrics["keras_float"], "-", "-"),
+        _row("Keras float", metrics["keras_float"], "-", "-"),
         _row("TFLite float32", metrics["float"], f"{sizes['float'] / 1024:.0f} KB",
              f"{latency[FLOAT_FILE]['median_ms']:.2f}"),
         _row("TFLite int8", metrics["int8"], f"{sizes['int8'] / 1024:.0f} KB",

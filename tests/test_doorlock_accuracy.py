@@ -1,5 +1,6 @@
 """Door-lock false accepts and false rejects on LFW identities the face model never trained on.
 
+Measured for both face bundles: models/face-resnet (the lock's default) and models/face (the lighter student).
 Protocol (device/doorlock/evaluate.py): the evaluation identities of the face bundle (everyone in LFW
 View 2 folds 8-10, removed from training and validation; read from the bundle's manifest) with more
 than 3 photos form households of 30 people; each person enrolls 3 photos and attempts with up to 10
@@ -11,7 +12,7 @@ training people (the lock's rule whenever the bundle has a cohort).
 The bundle's thresholds were calibrated on other people (the validation people's impostor pairs), so the
 rates at the named thresholds are out of sample; the extra per-attempt operating point
 (`threshold_for_far`) is fitted on these very strangers and is in sample by construction. Results go to
-build/doorlock/accuracy.json.
+build/doorlock/accuracy-<bundle>.json.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from device.doorlock.evaluate import door_test, embed_people, threshold_for_far
 from device.face import FaceEmbedder
 from training.datasets.lfw import find_faces_dir, find_pairs_file, list_people, load_face, make_split, read_pairs
 
-BUNDLE = MODELS / "face"
-OUT = REPO / "build" / "doorlock" / "accuracy.json"
+BUNDLES = ("face-resnet", "face")
 
 
-@pytest.fixture(scope="module")
-def evaluation(data_dir: Path):
-    if not (BUNDLE / "manifest.json").is_file():
-        pytest.fail(f"{BUNDLE} missing: this test needs the real face bundle")
-    manifest = Bundle.load(BUNDLE).manifest
+@pytest.fixture(scope="module", params=BUNDLES)
+def evaluation(data_dir: Path, request):
+    bundle = MODELS / request.param
+    if not (bundle / "manifest.json").is_file():
+        pytest.fail(f"{bundle} missing: this test needs the real face bundle")
+    manifest = Bundle.load(bundle).manifest
     folds = tuple(manifest["metrics"]["int8"]["folds"])  # the folds whose people the model never trained on
     people = list_people(find_faces_dir(data_dir))
     split = make_split(people, read_pairs(find_pairs_file(data_dir)), eval_folds=folds)
@@ -44,7 +45,7 @@ def evaluation(data_dir: Path):
     assert not eval_people & set(split.train_people) and not eval_people & set(split.validation_people)
     residents = {n: list(people[n].values()) for n in sorted(eval_people) if len(people[n]) > 3}
     strangers = {n: list(people[n].values()) for n in sorted(eval_people) if len(people[n]) <= 3}
-    embedder = FaceEmbedder.from_bundle(BUNDLE, "int8", threads=2)
+    embedder = FaceEmbedder.from_bundle(bundle, "int8", threads=2)
     data = embed_people(lambda path: embedder.embed(load_face(path)), residents, strangers)
     return embedder, data, folds
 
@@ -56,15 +57,17 @@ def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
     # Both matching rules the lock knows: raw distance, and the cohort-normalised score it uses by default.
     rules = {"distance": ({n: embedder.threshold(n) for n in names}, None),
              "normalised": ({n: embedder.score_threshold(n) for n in names}, embedder.cohort)}
-    report = {"eval_folds": list(folds), "variant": "int8", "model_sha256": sha256_file(embedder.model.path)}
+    report = {"bundle": embedder.model.path.parent.name, "eval_folds": list(folds), "variant": "int8",
+              "model_sha256": sha256_file(embedder.model.path)}
     for rule, (thresholds, cohort) in rules.items():
         results = {name: door_test(data, thresholds[name], cohort) for name in names}
         # The operating point a door lock wants: at most 0.1% of stranger attempts accepted per frame.
         per_attempt = door_test(data, threshold_for_far(data, 0.001, cohort), cohort)
         report[rule] = {**{k: r.summary() for k, r in results.items()}, "per_attempt_far_0.1pct": per_attempt.summary()}
         check_rule(results, per_attempt, normalised=cohort is not None)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    out = REPO / "build" / "doorlock" / f"accuracy-{report['bundle']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=1))
     # Normalisation is why the lock uses it: at the same per-attempt FAR it refuses fewer residents.
     assert (report["normalised"]["per_attempt_far_0.1pct"]["frr"]

@@ -9,7 +9,7 @@ set -euo pipefail
 
 PI="${1:?usage: $0 user@host}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-BUNDLE="${BUNDLE:-models/face}"
+BUNDLE="${BUNDLE:-models/face-resnet}"   # BUNDLE=models/face for the lighter student (set [model] bundle to match)
 STAGE="doorlock-staging"
 
 cd "$ROOT"
@@ -18,7 +18,7 @@ cd "$ROOT"
 echo "==> copying device package and $BUNDLE to $PI:~/$STAGE"
 ssh "$PI" "mkdir -p ~/$STAGE/models"
 rsync -az --delete --exclude '__pycache__' device pyproject.toml README.md "$PI:~/$STAGE/"
-rsync -az --delete "$BUNDLE/" "$PI:~/$STAGE/models/face/"
+rsync -az --delete "$BUNDLE/" "$PI:~/$STAGE/models/$(basename "$BUNDLE")/"
 
 echo "==> installing on $PI"
 ssh "$PI" STAGE="$STAGE" bash -s <<'REMOTE'

@@ -1,8 +1,9 @@
 """Face embedding latency: the shipped int8 and float models against the dlib teacher, on the same crops.
 
 `python -m training.face.bench` (part of `make bench`). Each timing is one full `embed` call from a 128x128
-grey crop: preprocessing + inference for the student, detection + 5-point alignment + ResNet for the
-teacher, on one thread. The teacher rows appear only where dlib is installed (host extra `teacher`).
+grey crop: preprocessing + inference (of the crop and its mirror image) for our bundles — models/face, the
+distilled student, and models/face-resnet, dlib's own network ported to LiteRT — and detection + 5-point
+alignment + ResNet for dlib itself, on one thread. The teacher rows appear only where dlib is installed (host extra `teacher`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ def time_embed(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, rep
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.face.bench", description=__doc__)
-    parser.add_argument("--bundle", type=Path, default=MODELS / "face", help="face bundle (default: %(default)s)")
+    parser.add_argument("--bundles", type=Path, nargs="+", default=[MODELS / "face", MODELS / "face-resnet"],
+                        help="face bundles (default: models/face models/face-resnet)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data)")
     parser.add_argument("--crops", type=int, default=40, help="distinct LFW crops timed (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the crops for the students (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the crops for the bundles (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=MODELS / "face-bench", help="writes <out>.json and <out>.md")
     args = parser.parse_args(argv)
     try:
@@ -51,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = paths[:: max(1, len(paths) // args.crops)]  # spread over people, not the first few
     crops = load_faces(paths[: args.crops], progress=False)
     rows = []
-    for variant in ("int8", "float"):
-        embedder = FaceEmbedder.from_bundle(args.bundle, variant=variant, threads=1)
-        rows.append({"model": f"student {variant}", "size_kb": embedder.model.path.stat().st_size / 1024,
+    for bundle, variant in itertools.product(args.bundles, ("int8", "float")):
+        embedder = FaceEmbedder.from_bundle(bundle, variant=variant, threads=1)
+        rows.append({"model": f"{bundle.name} {variant}", "size_kb": embedder.model.path.stat().st_size / 1024,
                      **time_embed(embedder.embed, crops, args.repeats)})
     if teacher_available():
         from training.teacher import load_teacher

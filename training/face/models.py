@@ -31,6 +31,21 @@ class L2Normalize(layers.Layer):
         return keras.ops.normalize(inputs, axis=-1)
 
 
+@keras.saving.register_keras_serializable(package="edge_face")
+class PadChannels(layers.Layer):
+    """Zero channels appended at the end (dlib adds tensors of different depths as if the smaller were so padded)."""
+
+    def __init__(self, extra: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.extra = int(extra)
+
+    def call(self, inputs: Any) -> Any:
+        return keras.ops.pad(inputs, [[0, 0], [0, 0], [0, 0], [0, self.extra]])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "extra": self.extra}
+
+
 def _conv_bn(x: Any, filters: int, kernel: int = 3, strides: int = 1, relu: bool = True) -> Any:
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization(momentum=0.9)(x)
