@@ -21,11 +21,14 @@ from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_train
                                toolchain, write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
-from device.face import Cohort, embeddings, face_spec
+from device.face import ALIGNED_SPEC, LANDMARKS_FILE, Aligner, Cohort, embeddings, face_spec
+from device.landmarks import read_dlib_shape_predictor
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, person_of, student_inputs, validation_set
 from training.face.metrics import (all_pairs_report, best_threshold, matrix_report, pair_distances, threshold_at_far,
                                    verification_report)
+from training.face.dlib_resnet import LANDMARKS_FILE as LANDMARKS_DAT
+from training.face.dlib_resnet import find_model_file
 from training.face.train import embed_keras, load_lfw
 from training.teacher import (EMBEDDING_SIZE, TeacherCache, default_workers, load_teacher, teacher_available,
                               teacher_embeddings, teacher_model_bytes)
@@ -148,22 +151,35 @@ def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
         return None
 
 
+def input_spec(model: Any, train_info: dict[str, Any]) -> tuple[dict[str, Any], Aligner | None, dict[str, bytes]]:
+    """The preprocessing a model was made for, its aligner, and the files that go into the bundle with it.
+
+    A model trained on aligned chips (train_info input "aligned-chip": the ported dlib network) gets dlib's 5-point
+    landmark model as a bundle file, and every measurement here aligns with an Aligner built from exactly those bytes.
+    """
+    if train_info.get("input") != "aligned-chip":
+        return face_spec(model.input_shape[1]), None, {}  # the input size the model was trained at
+    stored = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
+    files = {LANDMARKS_FILE: stored}
+    return dict(ALIGNED_SPEC), Aligner.from_spec(ALIGNED_SPEC, files.__getitem__), files
+
+
 def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,
                   max_drop_pp: float = 0.5, io_type: str = "int8", fix: bool = False, seed: int = 0,
                   cache_dir: Path = Path("build/face/teacher-eval"), recipes: Path | None = None,
                   teacher: bool = True, min_accuracy: float = 0.90) -> bool:
     """Build the face bundle; returns whether int8 passed the gate (the CLI turns False into exit 1)."""
     model, train_info = load_trained(keras_path, "face", EMBEDDING_SIZE)
-    spec = face_spec(model.input_shape[1])  # the input size the model was trained at
+    spec, aligner, extra_files = input_spec(model, train_info)
     people, split = load_lfw(data_dir)
     rng = np.random.default_rng(seed)
     training = split.training_images(people)
     train_paths = [path for name in split.train_people for path in training[name].values()]
     chosen = rng.choice(len(train_paths), min(representative, len(train_paths)), replace=False)
-    calibration = student_inputs(load_faces([train_paths[i] for i in sorted(chosen)], progress=False), spec)
+    calibration = student_inputs(load_faces([train_paths[i] for i in sorted(chosen)], progress=False), spec, aligner)
     keys, crops = pair_images(split.eval_pairs, people)
     pairs = PairSet(split.eval_pairs, keys)
-    x_eval = student_inputs(crops, spec)
+    x_eval = student_inputs(crops, spec, aligner)
     print(f"evaluation: folds {list(split.eval_folds)}, {len(pairs.pairs):,} pairs "
           f"({split.missing_pairs} lack an image), {len(keys):,} images of {len(set(pairs.identities)):,} people",
           flush=True)
@@ -191,7 +207,7 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
     # Thresholds: calibrated on the validation people, checked on the evaluation people (strangers to it).
     validation = validation_set(split, people)
     calibrate = PairSet(split.validation_pairs, validation.keys)
-    x_val = student_inputs(validation.crops, spec)
+    x_val = student_inputs(validation.crops, spec, aligner)
     val_emb = {variant: score_bytes(tflite, lambda p: embed_file(p, x_val, f"validation ({variant})", spec))
                for variant, tflite in (("float", float_bytes), ("int8", result.int8))}
     thresholds, threshold_details = {}, {}
@@ -199,9 +215,10 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
         thresholds[variant] = calibrate.thresholds(val_emb[variant])
         threshold_details[variant] = pairs.check(emb, thresholds[variant])
     pair = model_pair(float_bytes, result.int8, io_type)
+    pair.files.update(extra_files)
     # Cohort for score normalisation: the first image of every training person, embedded by each variant.
     cohort_x = student_inputs(load_faces([next(iter(training[n].values())) for n in split.train_people],
-                                         progress=False), spec)
+                                         progress=False), spec, aligner)
     normalised = {}
     for variant, tflite in (("float", float_bytes), ("int8", result.int8)):
         vectors = score_bytes(tflite, lambda p: embed_file(p, cohort_x, f"cohort ({variant})", spec))
@@ -227,7 +244,8 @@ def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, rep
         "task": "face-embedding",
         "name": out.name,  # models/face (the distilled student) or models/face-resnet (dlib's network, ported)
         "description": "128-D unit face embedding of a grey face crop (device.face.crop_face of a Haar box gives "
-                       f"128x128, resized to the model's {spec['size'][0]}x{spec['size'][1]} by device.face.face_input); "
+                       f"128x128, made the model's {spec['size'][0]}x{spec['size'][1]} input by device.face.face_input"
+                       f"{', aligned with the bundled landmark model' if aligner else ''}); "
                        "same person when the Euclidean distance is <= a threshold, or when the score normalised "
                        "against the bundled cohort (device.face.Cohort) is >= its threshold",
         "models": pair.models,

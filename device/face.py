@@ -11,6 +11,10 @@ model variant's entry in the manifest carries the thresholds calibrated on that 
 differ slightly); the top-level `thresholds` are those of the default int8 model. `threshold()` always
 answers for the model this object runs. A bundle may also carry a cohort for score normalisation
 (`Cohort`) with its own thresholds on the normalised score (`score_threshold()`; accept when score >= it).
+
+A bundle whose preprocessing has `align` (models/face-resnet: dlib's network, trained on aligned chips) also carries
+dlib's 5-point landmark model: `Aligner` finds the eyes and nose in the 128x128 crop and resamples the 150x150 chip
+dlib would cut (device/landmarks.py), which is what the model then sees.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from device.bundle import Bundle, BundleError
 from device.images import ImageError, check_image, to_gray
+from device.landmarks import ShapePredictor, chip_transform
 from device.preprocess import normalize
 from device.runtime import Model
 
@@ -52,6 +57,56 @@ FACE_SPEC: dict[str, Any] = {
 def face_spec(side: int) -> dict[str, Any]:
     """FACE_SPEC for a model whose input is `side` pixels square (the bundle records the one it was built with)."""
     return {**FACE_SPEC, "size": [int(side), int(side)]}
+
+
+# Where dlib's 5-point landmark model looks for the face in a 128x128 crop: the median box (left, top, right,
+# bottom, inclusive) of dlib's own HOG face detector on 400 LFW crops, which is the kind of box the landmark model was
+# trained with (a Haar box is wider and higher). The crop is centred on the Haar box, so this is fixed in the crop.
+ALIGN_BOX = (8, 19, 112, 123)
+CHIP_SIZE, CHIP_PADDING = 150, 0.25  # dlib's face chip: get_face_chip_details(shape, 150, 0.25)
+LANDMARKS_FILE = "landmarks_5pt.npz"
+ALIGNED_SPEC: dict[str, Any] = {
+    **FACE_SPEC,
+    "kind": "face-chip-5pt",
+    "size": [CHIP_SIZE, CHIP_SIZE],
+    "crop": "device.face.crop_face of the Haar box (128x128 grey), then device.face.Aligner: dlib's 5-point landmarks "
+            "in `align.box` and the similarity transform to dlib's 150x150 chip (padding 0.25), bilinear, 0 outside",
+    "align": {"landmarks": LANDMARKS_FILE, "crop": CROP_SIZE, "box": list(ALIGN_BOX), "chip": CHIP_SIZE,
+              "padding": CHIP_PADDING},
+}
+
+
+@dataclass
+class Aligner:
+    """A face crop → the aligned chip an `align` bundle's model was made for (dlib's alignment, without dlib).
+
+    The landmarks come from dlib's own 5-point model, ported to numpy (`device.landmarks`, ~0.7 ms per face), and
+    the chip from OpenCV's warpAffine with dlib's transform (within ~1 grey level of dlib's own chip).
+    """
+
+    predictor: ShapePredictor
+    crop: int = CROP_SIZE
+    box: tuple[float, float, float, float] = ALIGN_BOX
+    size: int = CHIP_SIZE
+    padding: float = CHIP_PADDING
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], read: Callable[[str], bytes]) -> "Aligner":
+        """The aligner a bundle's preprocessing names; `read(file name)` gives the landmark model's checked bytes."""
+        align = spec["align"]
+        return cls(ShapePredictor.load(io.BytesIO(read(align["landmarks"]))), int(align["crop"]),
+                   tuple(float(v) for v in align["box"]), int(align["chip"]), float(align["padding"]))
+
+    def landmarks(self, gray: np.ndarray) -> np.ndarray:
+        """The 5 landmarks (x, y) of the face in a `crop`-sized grey crop."""
+        return self.predictor.predict(resize_gray(gray, self.crop), self.box)
+
+    def chip(self, gray: np.ndarray) -> np.ndarray:
+        """A grey face crop (any size; brought to `crop` px first) → the size x size aligned grey chip."""
+        gray = resize_gray(gray, self.crop)
+        matrix = chip_transform(self.predictor.predict(gray, self.box), self.size, self.padding)
+        return cv2.warpAffine(gray, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def crop_face(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -92,14 +147,20 @@ def resize_gray(gray: np.ndarray, height: int, width: int | None = None) -> np.n
     return cv2.resize(gray, (width, height), interpolation=interpolation)
 
 
-def face_input(face_crop: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def face_input(face_crop: np.ndarray, spec: dict[str, Any], aligner: Aligner | None = None) -> np.ndarray:
     """A face crop (grey or BGR, any size, framed like `crop_face`) → float model input per the bundle's spec.
 
     Shared by the device and the converter's measurements, so the number in the report is the number
-    the device gets.
+    the device gets. A spec with `align` needs the bundle's `aligner`.
     """
+    gray = to_gray(check_image(face_crop, "face crop"))
+    if "align" in spec:
+        if aligner is None:
+            raise ValueError("this face model takes aligned chips: give face_input the bundle's Aligner "
+                             "(FaceEmbedder.from_bundle loads it)")
+        return normalize(aligner.chip(gray), spec)
     height, width = (int(v) for v in spec["size"])
-    return normalize(resize_gray(to_gray(check_image(face_crop, "face crop")), height, width), spec)
+    return normalize(resize_gray(gray, height, width), spec)
 
 
 def unit(vector: np.ndarray) -> np.ndarray:
@@ -215,13 +276,15 @@ class FaceEmbedder:
     """A face bundle's model as `crop → unit embedding`, with the bundle's calibrated thresholds."""
 
     def __init__(self, model: Model, spec: dict[str, Any], thresholds: dict[str, float], variant: str,
-                 cohort: Cohort | None = None, score_thresholds: dict[str, float] | None = None):
+                 cohort: Cohort | None = None, score_thresholds: dict[str, float] | None = None,
+                 aligner: Aligner | None = None):
         self.model = model
         self.spec = spec
         self.thresholds = thresholds
         self.variant = variant
         self.cohort = cohort
         self.score_thresholds = score_thresholds or {}
+        self.aligner = aligner
 
     @classmethod
     def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None) -> "FaceEmbedder":
@@ -244,12 +307,18 @@ class FaceEmbedder:
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 raise BundleError(f"bundle {bundle.root}: unusable score_normalisation for the '{variant}' model "
                                   f"({type(exc).__name__}: {exc})") from exc
+        aligner = None
+        if "align" in bundle.preprocessing:
+            try:  # like the cohort, from the checked bytes
+                aligner = Aligner.from_spec(bundle.preprocessing, bundle.read)
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                raise BundleError(f"bundle {bundle.root}: unusable face alignment ({type(exc).__name__}: {exc})") from exc
         return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant,
-                   cohort, score_thresholds)
+                   cohort, score_thresholds, aligner)
 
     def embed(self, face_crop: np.ndarray) -> np.ndarray:
         """128x128 grey crop from `crop_face` (any size or BGR is accepted and converted) → unit vector."""
-        x = face_input(face_crop, self.spec)[np.newaxis]
+        x = face_input(face_crop, self.spec, self.aligner)[np.newaxis]
         return embeddings(lambda batch: np.stack([self.model.run(v)[0] for v in batch]), x, self.spec)[0]
 
     @staticmethod

@@ -22,9 +22,9 @@ from training.face.data import pair_images
 from training.teacher import teacher_available
 
 
-# A floor under each shipped model's int8 accuracy (95.0% and 96.7%): a broken rebuild passes the relative gate,
+# A floor under each shipped model's int8 accuracy (95.0% and 98.5%): a broken rebuild passes the relative gate,
 # not this.
-FLOORS = {"face": 0.94, "face-resnet": 0.96}
+FLOORS = {"face": 0.94, "face-resnet": 0.975}
 
 
 @pytest.fixture(scope="module", params=sorted(FLOORS))
@@ -206,10 +206,15 @@ def test_teacher_separates_a_real_pair(eval_set):
 
 
 def test_flip_averaged_embedding_is_mirror_invariant(bundle, eval_set, embeddings):
-    """The shipped bundle averages a crop's and its mirror image's outputs, so both give one embedding."""
+    """Both bundles average a face's and its mirror image's outputs, so a mirrored crop gives the same embedding:
+    exactly when the model sees the resized crop, nearly when it sees an aligned chip (the landmarks of the
+    mirrored crop, searched in the same box, are not exactly the mirrored landmarks)."""
     _, _, crops = eval_set
     embedder, _ = embeddings["int8"]
     assert bundle.preprocessing.get("flip_average") is True
     for crop in crops[:5]:
-        np.testing.assert_allclose(embedder.embed(np.ascontiguousarray(crop[:, ::-1])), embedder.embed(crop),
-                                   atol=1e-6)
+        mirrored, plain = embedder.embed(np.ascontiguousarray(crop[:, ::-1])), embedder.embed(crop)
+        if "align" in bundle.preprocessing:
+            assert float(mirrored @ plain) > 0.99
+        else:
+            np.testing.assert_allclose(mirrored, plain, atol=1e-6)

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from training.face.dlib_resnet import (CHIP, CONVOLUTIONS, FRAMING, Framing, chip_model, find_weights, grey_embedder,
-                                       read_dlib_resnet)
+from device.bundle import BundleError
+from device.face import ALIGNED_SPEC, LANDMARKS_FILE, Aligner, FaceEmbedder, face_input
+from device.landmarks import read_dlib_shape_predictor
+from training.face.dlib_resnet import (CHIP, CONVOLUTIONS, FRAMING, Framing, LANDMARKS_FILE as LANDMARKS_DAT,
+                                       chip_model, find_model_file, find_weights, grey_embedder, read_dlib_resnet)
 from training.teacher import teacher_available
 
 FIXTURE = REPO / "tests" / "fixtures" / "dlib_chip_descriptors.json"
@@ -89,6 +92,35 @@ def test_grey_model_is_the_chip_model_on_a_cut_chip(net, reference) -> None:
     # Keras resizes the float crop, the reference chip was rounded to uint8 first: half a grey level apart.
     assert np.sum(out * unit, axis=1).min() > 0.999
     assert np.linalg.norm(out, axis=1) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_aligned_model_is_the_chip_model_on_the_aligners_chip(net, reference) -> None:
+    """The shipped model takes the Aligner's grey chip (dlib's landmarks and transform) in FACE_SPEC normalisation."""
+    _, crops, _ = reference
+    aligner = Aligner(read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)))
+    chips = np.stack([aligner.chip(c) for c in crops])
+    assert chips.shape == (3, CHIP, CHIP)
+    x = np.stack([face_input(c, ALIGNED_SPEC, aligner) for c in crops])
+    np.testing.assert_allclose(x[..., 0], chips / 127.5 - 1.0, atol=1e-6)
+    out = grey_embedder(net, None).predict(x, verbose=0)
+    rgb = np.repeat(chips[..., None], 3, axis=3)
+    expected = chip_model(net).predict(dlib_input(rgb, net), verbose=0)
+    np.testing.assert_allclose(out, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+    with pytest.raises(ValueError, match="aligned chips"):
+        face_input(crops[0], ALIGNED_SPEC)
+
+
+def test_bundle_refuses_a_modified_landmark_model(models_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "face-resnet"
+    shutil.copytree(models_dir / "face-resnet", copy)
+    assert FaceEmbedder.from_bundle(copy).aligner is not None
+    data = bytearray((copy / LANDMARKS_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / LANDMARKS_FILE).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its manifest"):
+        FaceEmbedder.from_bundle(copy)
 
 
 def test_other_files_are_refused(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from device.face import face_input
+from device.face import Aligner, face_input
 from training.datasets.lfw import Pair, Split, load_faces
 
 # Images per validation person in the all-pairs measure: enough genuine pairs from everyone, without
@@ -44,9 +44,10 @@ def augment(crop: np.ndarray, key: str, version: int) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def student_inputs(crops: np.ndarray, spec: dict) -> np.ndarray:
-    """128x128 crops → float model input, through the device's own preprocessing."""
-    return np.stack([face_input(c, spec) for c in crops]).astype(np.float32)
+def student_inputs(crops: np.ndarray, spec: dict, aligner: Aligner | None = None) -> np.ndarray:
+    """128x128 crops → float model input, through the device's own preprocessing (and alignment, for a spec with
+    `align`)."""
+    return np.stack([face_input(c, spec, aligner) for c in crops]).astype(np.float32)
 
 
 @dataclass

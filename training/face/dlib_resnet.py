@@ -2,15 +2,15 @@
 
 The distillation teacher (training/teacher.py) scores 98.5% on our LFW evaluation folds; the students we can
 train from LFW's 7.7k photos stop near 95%. The teacher's network itself is small enough for a Raspberry Pi once
-it is int8 (29 convolutions, 5.6 M parameters, ~0.4 G MACs), so this module reads its weights straight out of
-`dlib_face_recognition_resnet_model_v1.dat` (from the `face_recognition_models` package, host extra `teacher`) and
+it is int8 (29 convolutions, 5.6 M parameters, ~0.27 G MACs), so this module reads its weights straight out of
+`dlib_face_recognition_resnet_model_v1.dat` (from the `face_recognition_models` package, host extra `host`) and
 builds the same network in Keras, which the converter then quantises like any other face model. dlib itself is
 not needed: the file is parsed here.
 
-What differs from dlib's own pipeline is the framing. dlib aligns every face with its 5-point landmark model
-and resamples a 150x150 "chip"; the device has no landmark model, so the Keras model takes our usual grey
-128x128 crop of a Haar box (device.face.crop_face) and cuts one fixed square out of it, resized to 150x150:
-the average chip position on LFW crops, as far as the crop reaches (`Framing`).
+dlib aligns every face with its 5-point landmark model and resamples a 150x150 "chip"; the device does the same
+with that landmark model ported to numpy (device/landmarks.py, device.face.Aligner), so the shipped Keras model
+takes the aligned grey chip. Without landmarks (`build(align=False)`) it takes our usual grey 128x128 crop of a
+Haar box and cuts one fixed square out of it (`Framing`), 1.5 pp less accurate.
 
 The network, as dlib's dnn_face_recognition_ex.cpp declares it (input side first):
   con 7x7/2 (32) → affine → relu → max_pool 3x3/2 → 3 residual blocks of 32 → [down] 64 + 3 of 64 →
@@ -146,9 +146,18 @@ def read_dlib_resnet(path: Path) -> DlibResnet:
 
 
 def _conv(x: Any, conv: Conv, name: str) -> Any:
-    if conv.padding:
-        x = layers.ZeroPadding2D(conv.padding, name=f"{name}_pad")(x)
-    layer = layers.Conv2D(conv.kernel.shape[-1], conv.kernel.shape[:2], strides=conv.stride, padding="valid",
+    """dlib's con: zero padding `padding` on every side. Its only paddings here are 0 and, for 3x3 at stride 1, 1,
+    which is Keras' "same" (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
+    oneDNN fusion of pad + convolution crashed graph-mode predict in about one process in three)."""
+    kernel = conv.kernel.shape[0]
+    if conv.padding == 0:
+        padding = "valid"
+    elif conv.stride == 1 and kernel % 2 == 1 and conv.padding == kernel // 2:
+        padding = "same"
+    else:
+        raise ValueError(f"{name}: padding {conv.padding} for a {kernel}x{kernel} convolution at stride {conv.stride} "
+                         "is not in dlib's face ResNet")
+    layer = layers.Conv2D(conv.kernel.shape[-1], conv.kernel.shape[:2], strides=conv.stride, padding=padding,
                           name=name)
     y = layer(x)
     layer.set_weights([conv.kernel, conv.bias])
@@ -210,18 +219,23 @@ class Framing:
             raise ValueError(f"framing {self} does not fit inside a {crop}x{crop} crop")
 
 
-def grey_embedder(net: DlibResnet, framing: Framing, crop: int = 128) -> keras.Model:
-    """Grey crop normalised as device.face.FACE_SPEC ((pixel / 127.5) - 1) → unit 128-D embedding.
+def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128) -> keras.Model:
+    """Grey input normalised as device.face.FACE_SPEC ((pixel / 127.5) - 1) → unit 128-D embedding.
 
-    The chip is cut and resized inside the model (two int8 ops), and the grey level is turned into dlib's three
-    normalised channels by a fixed 1x1 convolution: ((x + 1) * 127.5 - mean_c) / 256.
+    framing=None: the input is already dlib's aligned 150x150 chip (device.face.Aligner makes it). Otherwise the
+    input is a `crop`-sized crop and the chip is one fixed square of it, cut and resized inside the model (two int8
+    ops). Either way the grey level becomes dlib's three normalised channels by a fixed 1x1 convolution:
+    ((x + 1) * 127.5 - mean_c) / 256.
     """
-    framing.check(crop)
-    inputs = keras.Input((crop, crop, 1))
-    bottom, right = crop - framing.top - framing.side, crop - framing.left - framing.side
-    x = layers.Cropping2D(((framing.top, bottom), (framing.left, right)), name="chip_crop")(inputs)
-    if framing.side != CHIP:
-        x = layers.Resizing(CHIP, CHIP, interpolation="bilinear", name="chip_resize")(x)
+    if framing is None:
+        x = inputs = keras.Input((CHIP, CHIP, 1))
+    else:
+        framing.check(crop)
+        inputs = keras.Input((crop, crop, 1))
+        bottom, right = crop - framing.top - framing.side, crop - framing.left - framing.side
+        x = layers.Cropping2D(((framing.top, bottom), (framing.left, right)), name="chip_crop")(inputs)
+        if framing.side != CHIP:
+            x = layers.Resizing(CHIP, CHIP, interpolation="bilinear", name="chip_resize")(x)
     to_rgb = layers.Conv2D(3, 1, name="grey_to_dlib_rgb")
     x = to_rgb(x)
     to_rgb.set_weights([np.full((1, 1, 1, 3), 127.5 / 256, np.float32),
@@ -230,43 +244,55 @@ def grey_embedder(net: DlibResnet, framing: Framing, crop: int = 128) -> keras.M
     return keras.Model(inputs, outputs, name="dlib_resnet")
 
 
-# Chosen on the validation people (training/DECISIONS.md, 2026-12-02): of six squares around the mean dlib chip on
-# LFW crops (centre 64.6, 75.2; side 127.6, which overhangs the crop's bottom by 11 px), the one with the chip's
-# top and left edges, cut off at the crop's bottom, scored best (balanced accuracy 96.81%; whole crop 93.78%).
+# Without landmarks (--no-align), the fixed square of the 128 crop taken as the chip. Chosen on the validation people
+# (training/DECISIONS.md, 2026-12-02): of six squares around the mean dlib chip on LFW crops (centre 64.6, 75.2; side
+# 127.6, which overhangs the crop's bottom by 11 px), the chip's top and left edges cut off at the crop's bottom scored
+# best (balanced accuracy 96.81%; the whole crop 93.78%; aligned chips, the default: 98.27%).
 FRAMING = Framing(top=11, left=5, side=117)
 WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-WEIGHTS_MISSING = ("dlib's face ResNet weights come from the PyPI package face_recognition_models (host extra: "
-                   "pip install .[host]); or pass the .dat file's path")
+LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
+WEIGHTS_MISSING = ("dlib's face ResNet and 5-point landmark models come from the PyPI package "
+                   "face_recognition_models (host extra: pip install .[host])")
 
 
-def find_weights() -> Path:
-    """The weights file inside the installed face_recognition_models package, located without importing it (its
+def find_model_file(name: str) -> Path:
+    """A model file inside the installed face_recognition_models package, located without importing it (its
     __init__ needs pkg_resources, which setuptools >= 81 no longer has)."""
     import importlib.util
 
     spec = importlib.util.find_spec("face_recognition_models")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "models" / WEIGHTS_FILE
+        path = Path(folder) / "models" / name
         if path.is_file():
             return path
-    raise FileNotFoundError(WEIGHTS_MISSING)
+    raise FileNotFoundError(f"{name} not found; {WEIGHTS_MISSING}")
 
 
-def build(out: Path, weights: Path | None = None, framing: Framing = FRAMING) -> Path:
-    """Write the ported embedder as a training run (model.keras + train_info.json) for `converter face`."""
+def find_weights() -> Path:
+    return find_model_file(WEIGHTS_FILE)
+
+
+def build(out: Path, weights: Path | None = None, align: bool = True) -> Path:
+    """Write the ported embedder as a training run (model.keras + train_info.json) for `converter face`.
+
+    align=True (the shipped model): the model takes dlib's aligned 150x150 chip, and the converter ships dlib's
+    5-point landmark model in the bundle for the device to align with. align=False: it takes the 128 crop and
+    cuts FRAMING from it (no landmarks on the device; 1.5 pp less accurate on the validation people).
+    """
     from training.common import count_macs, save_run, toolchain_versions
 
     path = Path(weights) if weights else find_weights()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {WEIGHTS_MISSING}")
     net = read_dlib_resnet(path)
-    model = grey_embedder(net, framing)
+    model = grey_embedder(net, None if align else FRAMING)
     info = {"task": "face", "arch": "dlib-resnet", "recipe": "ported from dlib (no training)",
             "parameters": int(model.count_params()), "macs": count_macs(model),
             "source": {"file": WEIGHTS_FILE, "sha256": net.sha256, "package": "face_recognition_models",
                        "license": "public domain (dlib's model files)",
                        "trained_on": "dlib's ~3M faces of ~7.5k people, not LFW's identities (per dlib's author); "
                                      "aligned 150x150 chips"},
-            "framing": {**vars(framing), "chip": CHIP, "crop": 128},
+            "input": "aligned-chip" if align else "crop",
+            "framing": None if align else {**vars(FRAMING), "chip": CHIP, "crop": 128},
             "toolchain": toolchain_versions()}
     return save_run(Path(out), model, {}, info)
