@@ -55,8 +55,9 @@ quantize-face: env $(VENV)/.teacher
 		--lr 5e-4 --out $(BUILD)/face/finetune
 	$(PY) -m converter face --data-dir $(DATA_DIR) --model $(BUILD)/face/finetune/model.keras --out models/face
 
-# dlib's face ResNet rebuilt in Keras from its public-domain weights (no training; seconds), framed on our grey crops
-# without landmarks, then converted and gated like the student: the door lock's default embedder.
+# dlib's face ResNet rebuilt in Keras from its public-domain weights (no training; seconds) for dlib's aligned chips;
+# the converter bundles dlib's 5-point landmark model for the device to align with, and gates it like the student.
+# The door lock's default embedder.
 quantize-face-resnet: env
 	$(PY) -m training face-resnet --out $(BUILD)/face-resnet
 	$(PY) -m converter face --data-dir $(DATA_DIR) --model $(BUILD)/face-resnet/model.keras --out models/face-resnet

@@ -159,9 +159,12 @@ def input_spec(model: Any, train_info: dict[str, Any]) -> tuple[dict[str, Any], 
     """
     if train_info.get("input") != "aligned-chip":
         return face_spec(model.input_shape[1]), None, {}  # the input size the model was trained at
-    stored = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
-    files = {LANDMARKS_FILE: stored}
-    return dict(ALIGNED_SPEC), Aligner.from_spec(ALIGNED_SPEC, files.__getitem__), files
+    source = find_model_file(LANDMARKS_DAT)
+    files = {LANDMARKS_FILE: read_dlib_shape_predictor(source).to_bytes()}
+    spec = {**ALIGNED_SPEC, "align": {**ALIGNED_SPEC["align"],
+                                      "source": {"file": source.name, "sha256": sha256_file(source),
+                                                 "package": "face_recognition_models"}}}
+    return spec, Aligner.from_spec(spec, files.__getitem__), files
 
 
 def quantize_face(keras_path: Path, out: Path, data_dir: Path | None = None, representative: int = 300,

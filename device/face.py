@@ -19,7 +19,9 @@ dlib would cut (device/landmarks.py), which is what the model then sees.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any, BinaryIO
 import cv2
 import numpy as np
 
-from device.bundle import Bundle, BundleError
+from device.bundle import Bundle, BundleError, sha256_file
 from device.images import ImageError, check_image, to_gray
 from device.landmarks import ShapePredictor, chip_transform
 from device.preprocess import normalize
@@ -90,16 +92,30 @@ class Aligner:
     size: int = CHIP_SIZE
     padding: float = CHIP_PADDING
 
+    def __post_init__(self) -> None:
+        """Refuse geometry that would fail or silently degrade on every frame (a damaged manifest's `align`)."""
+        left, top, right, bottom = self.box
+        if not (isinstance(self.crop, int) and self.crop > 1 and isinstance(self.size, int) and self.size > 1):
+            raise ValueError(f"crop {self.crop!r} and chip {self.size!r} must be whole numbers of pixels above 1")
+        if not (0 <= left < right < self.crop and 0 <= top < bottom < self.crop):
+            raise ValueError(f"landmark box {self.box} must lie inside the {self.crop}x{self.crop} crop")
+        if not (np.isfinite(self.padding) and 0 <= self.padding <= 2):
+            raise ValueError(f"chip padding {self.padding} must be between 0 and 2")
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any], read: Callable[[str], bytes]) -> "Aligner":
-        """The aligner a bundle's preprocessing names; `read(file name)` gives the landmark model's checked bytes."""
-        align = spec["align"]
-        return cls(ShapePredictor.load(io.BytesIO(read(align["landmarks"]))), int(align["crop"]),
-                   tuple(float(v) for v in align["box"]), int(align["chip"]), float(align["padding"]))
+        """The aligner a bundle's preprocessing names; `read(file name)` gives the landmark model's checked bytes.
 
-    def landmarks(self, gray: np.ndarray) -> np.ndarray:
-        """The 5 landmarks (x, y) of the face in a `crop`-sized grey crop."""
-        return self.predictor.predict(resize_gray(gray, self.crop), self.box)
+        The chip must be the model input the spec names (`size`), or every frame would fail at the interpreter.
+        """
+        align = spec["align"]
+        box = tuple(float(v) for v in align["box"])
+        if len(box) != 4 or not all(np.isfinite(box)):
+            raise ValueError(f"landmark box {align['box']!r} must be four numbers (left, top, right, bottom)")
+        if [int(align["chip"])] * 2 != [int(v) for v in spec["size"]]:
+            raise ValueError(f"chip {align['chip']!r} is not the model input size {spec['size']!r}")
+        return cls(ShapePredictor.load(io.BytesIO(read(align["landmarks"]))), int(align["crop"]),
+                   (box[0], box[1], box[2], box[3]), int(align["chip"]), float(align["padding"]))
 
     def chip(self, gray: np.ndarray) -> np.ndarray:
         """A grey face crop (any size; brought to `crop` px first) → the size x size aligned grey chip."""
@@ -311,10 +327,26 @@ class FaceEmbedder:
         if "align" in bundle.preprocessing:
             try:  # like the cohort, from the checked bytes
                 aligner = Aligner.from_spec(bundle.preprocessing, bundle.read)
+                if tuple(model.input_shape[1:3]) != (aligner.size, aligner.size):
+                    raise ValueError(f"the chip is {aligner.size} px, the model takes {model.input_shape[1:3]}")
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 raise BundleError(f"bundle {bundle.root}: unusable face alignment ({type(exc).__name__}: {exc})") from exc
         return cls(model, bundle.preprocessing, {k: float(v) for k, v in thresholds.items()}, variant,
                    cohort, score_thresholds, aligner)
+
+    @property
+    def identity(self) -> str:
+        """sha256 of everything that decides an embedding: the model file, and for an aligning bundle also its landmark
+        model and preprocessing (a rebuilt bundle with another landmark box must not be matched against embeddings
+        enrolled with the old one). For other bundles it is the model file's sha256, as enrolments have always been
+        keyed."""
+        model_sha = sha256_file(self.model.path)
+        if self.aligner is None:
+            return model_sha
+        digest = hashlib.sha256(model_sha.encode())
+        digest.update(self.aligner.predictor.to_bytes())
+        digest.update(json.dumps(self.spec, sort_keys=True).encode())
+        return digest.hexdigest()
 
     def embed(self, face_crop: np.ndarray) -> np.ndarray:
         """128x128 grey crop from `crop_face` (any size or BGR is accepted and converted) → unit vector."""

@@ -1,11 +1,10 @@
 """dlib's 5-point face landmarks and face-chip alignment in numpy, without dlib.
 
-The teacher that labels our face embedder's training data aligns faces with dlib: its 5-point shape
-predictor (`shape_predictor_5_face_landmarks.dat`, public domain; an ensemble of regression trees after
-Kazemi & Sullivan 2014) finds the eye corners and the base of the nose, and `get_face_chip_details` turns
-them into a similarity transform to a 150x150 chip. A student that must see faces framed like the teacher
-saw them needs exactly that alignment on the device, where dlib is not installed (it compiles from source
-for an hour on a Pi). This module reproduces both from dlib 20's source, bit for bit where it matters:
+dlib aligns every face before its face ResNet sees it: its 5-point shape predictor
+(`shape_predictor_5_face_landmarks.dat`, public domain; an ensemble of regression trees after Kazemi & Sullivan
+2014) finds the eye corners and the base of the nose, and `get_face_chip_details` turns them into a similarity
+transform to a 150x150 chip. That network, ported to LiteRT (models/face-resnet), needs exactly that alignment on
+the device, where dlib is not installed (it compiles from source for an hour on a Pi). This module reproduces both from dlib 20's source, bit for bit where it matters:
 
 * the model is the same numbers: `read_dlib_shape_predictor` parses dlib's serialisation (host side, once),
   `ShapePredictor.to_bytes` / `load` keep it as a plain `.npz` for the model bundle (5.8 MB, no pickle);
@@ -61,8 +60,8 @@ Box = tuple[float, float, float, float]
 # dlib's serialisation
 
 
-class _Reader:
-    """Cursor over dlib's binary serialisation, where every value of a shape predictor is a packed integer.
+class DlibReader:
+    """Cursor over dlib's binary serialisation (also read by training/face/dlib_resnet.py for dlib's face ResNet).
 
     A packed integer is one control byte (low nibble: number of little-endian bytes that follow, 1..8;
     bit 0x80: negative; bits 0x70 always 0) and then those bytes. A float is two of them, mantissa and
@@ -70,13 +69,14 @@ class _Reader:
     these rules within the first few bytes, which is how a wrong file is refused quickly.
     """
 
-    def __init__(self, data: bytes, name: str) -> None:
+    def __init__(self, data: bytes, name: str, kind: str = "dlib shape predictor", pos: int = 0) -> None:
         self.data = data
-        self.pos = 0
+        self.pos = pos
         self.name = name
+        self.kind = kind
 
     def fail(self, why: str) -> ValueError:
-        return ValueError(f"{self.name} is not a dlib shape predictor file: {why} (at byte {self.pos})")
+        return ValueError(f"{self.name} is not a {self.kind} file: {why} (at byte {self.pos})")
 
     def ints(self, count: int) -> list[int]:
         """The next `count` packed integers (a tight loop: the file holds ~2.5 million of them)."""
@@ -126,6 +126,18 @@ class _Reader:
         with np.errstate(over="ignore"):
             return values.astype(np.float32)
 
+    def tensor(self) -> np.ndarray:
+        """A dlib tensor: version 2, four packed dimensions (samples, k, rows, cols), then raw little-endian float32."""
+        if self.int() != 2:
+            raise self.fail("a tensor of an unknown version")
+        dims = [self.count("a tensor dimension") for _ in range(4)]
+        count = int(np.prod(dims))
+        if self.pos + 4 * count > len(self.data):
+            raise self.fail("it ends in the middle of a tensor")
+        values = np.frombuffer(self.data, "<f4", count, self.pos).astype(np.float32).reshape(dims)
+        self.pos += 4 * count
+        return values
+
     def column(self, what: str) -> np.ndarray:
         """A dlib matrix<float,0,1>: rows and columns (negated in the newer format), then the values row by row."""
         rows, cols = self.ints(2)
@@ -148,7 +160,7 @@ def read_dlib_shape_predictor(path: str | Path) -> "ShapePredictor":
     """
     path = Path(path)
     data = path.read_bytes()
-    reader = _Reader(data, str(path))
+    reader = DlibReader(data, str(path))
     if reader.int() != 1:
         raise reader.fail("the version is not 1")
     initial = reader.column("the initial shape")

@@ -47,11 +47,11 @@ def evaluation(data_dir: Path, request):
     strangers = {n: list(people[n].values()) for n in sorted(eval_people) if len(people[n]) <= 3}
     embedder = FaceEmbedder.from_bundle(bundle, "int8", threads=2)
     data = embed_people(lambda path: embedder.embed(load_face(path)), residents, strangers)
-    return embedder, data, folds
+    return embedder, data, folds, manifest
 
 
 def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
-    embedder, data, folds = evaluation
+    embedder, data, folds, manifest = evaluation
     assert embedder.cohort is not None, "the shipped face bundle carries a cohort for score normalisation"
     names = ("far_0.1pct", "far_0.001pct", "best_accuracy")
     # Both matching rules the lock knows: raw distance, and the cohort-normalised score it uses by default.
@@ -64,7 +64,9 @@ def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
         # The operating point a door lock wants: at most 0.1% of stranger attempts accepted per frame.
         per_attempt = door_test(data, threshold_for_far(data, 0.001, cohort), cohort)
         report[rule] = {**{k: r.summary() for k, r in results.items()}, "per_attempt_far_0.1pct": per_attempt.summary()}
-        check_rule(results, per_attempt, normalised=cohort is not None)
+        # What far_0.001pct (fitted on other people) lets in per impostor PAIR among these people, per the converter.
+        measured = manifest["normalised_calibration" if cohort else "threshold_calibration"]["int8"]["far_0.001pct"]
+        check_rule(results, per_attempt, normalised=cohort is not None, door_pair_far=measured["far_all_impostors"])
     out = REPO / "build" / "doorlock" / f"accuracy-{report['bundle']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -74,7 +76,7 @@ def test_strangers_are_refused_and_residents_admitted(evaluation) -> None:
             < report["distance"]["per_attempt_far_0.1pct"]["frr"]), report
 
 
-def check_rule(results: dict, per_attempt, normalised: bool) -> None:
+def check_rule(results: dict, per_attempt, normalised: bool, door_pair_far: float) -> None:
     """Calibration holds per attempt, thresholds accept what they say, and the trade-off runs the right way."""
     strict = results["far_0.1pct"]
     assert strict.households >= 4 and strict.stranger_attempts > 5000 and strict.genuine_attempts > 500
@@ -86,13 +88,14 @@ def check_rule(results: dict, per_attempt, normalised: bool) -> None:
         assert all(v >= strict.threshold for v in strict.accepted_scores)
     else:  # accept when the distance is within it
         assert all(v <= strict.threshold for v in strict.accepted_scores)
-    # The door lock's default, far_0.001pct per pair on the normalised score, bounds the per-attempt FAR to about
-    # gallery x 0.001%. That threshold is fitted to the 6 most stranger-like of the validation people's 0.6 M impostor
-    # pairs, so it is loose: on the raw distance (not the lock's rule while a cohort exists) face-resnet's lets in
-    # 0.0028% of the evaluation impostor pairs and 0.22% of stranger attempts, which the README reports.
+    # The door lock's default, far_0.001pct per pair, bounds the per-attempt FAR to about gallery x its pairwise rate:
+    # 0.001% where the calibration holds. It is fitted to the 6 most stranger-like of the validation people's 0.6 M
+    # impostor pairs, so it can let in more pairs of other people (face-resnet's raw distance: 0.0028% of the
+    # evaluation impostor pairs, 0.22% of stranger attempts, in the README): the bound uses the larger of the two.
     door = results["far_0.001pct"]
-    if normalised:
-        assert door.far <= 1.3 * gallery * 0.00001 + 0.0005, door.summary()
+    assert door.far <= 1.3 * gallery * max(0.00001, door_pair_far) + 0.0005, door.summary()
+    if normalised:  # the lock's own rule holds its nominal rate
+        assert door_pair_far <= 0.00002 and door.far <= 1.3 * gallery * 0.00001 + 0.0005, door.summary()
     # The per-attempt operating point does what it says.
     assert per_attempt.far <= 0.001
     # The looser thresholds admit more strangers and refuse fewer residents: the trade-off is real.

@@ -117,12 +117,17 @@ def test_check_config_loads_the_bundle_it_names(tmp_path: Path, models_dir: Path
     assert result.returncode == 0, result.stderr
     assert "ok: int8 face model" in result.stdout and "far_0.001pct = normalised score >= " in result.stdout
 
-    # A number is a raw distance: one looser than the model's best_accuracy distance (e.g. a normalised
-    # score copied from the line above) is refused, a strict one turns normalisation off.
+    # A number is a raw distance: one looser than the model's far_0.1pct distance (e.g. a normalised score copied
+    # from the line above, or a distance that was strict for another model) is refused, a strict one turns
+    # normalisation off.
     loose = tmp_path / "loose.toml"
     loose.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 1.65\n")
     refused = run_cli("-m", "device.doorlock", "--config", str(loose), "check-config")
     assert refused.returncode == 2 and "is a raw distance" in refused.stderr and "Traceback" not in refused.stderr
+    carried_over = tmp_path / "carried_over.toml"  # strict for the student (far_0.1pct 0.745), loose for face-resnet
+    carried_over.write_text(f"[model]\nbundle = '{models_dir / 'face-resnet'}'\n[decision]\nthreshold = 0.40\n")
+    refused = run_cli("-m", "device.doorlock", "--config", str(carried_over), "check-config")
+    assert refused.returncode == 2 and "looser than this model's far_0.1pct distance 0.372" in refused.stderr
     strict = tmp_path / "strict.toml"
     strict.write_text(f"[model]\nbundle = '{models_dir / 'face'}'\n[decision]\nthreshold = 0.5\n")
     accepted = run_cli("-m", "device.doorlock", "--config", str(strict), "check-config")

@@ -10,7 +10,7 @@ The scene photos hold two genuinely new photos of Obama (obama3.jpg, and two_peo
 liveness rightly takes for one still picture), so the attempt that opens the door is obama3.jpg followed by a copy of
 the enrolled obama.jpg, and obama3.jpg and two_people.jpg must each be recognised on their own. Until session 7 the
 student embedder (models/face) did not recognise them (normalised score ~1.5 against 4.55) and these tests were strict
-xfails; the ported dlib network (models/face-resnet) scores them ~7.8 against its 4.58, strangers ~-5. Tests of
+xfails; the ported dlib network (models/face-resnet) scores them ~10.4 against its 5.02, strangers -4.4 to -13.5. Tests of
 mechanics that need an unlock use the enrolled photos or copies of them (MECHANICS_ATTEMPT).
 The relay is gpiozero's MockFactory pin, observed over time.
 """

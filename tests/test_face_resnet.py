@@ -9,6 +9,7 @@ installed (host extra `teacher`) the same check also runs against dlib live.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from device.bundle import BundleError
+from device.bundle import Bundle, BundleError, write_manifest
 from device.face import ALIGNED_SPEC, LANDMARKS_FILE, Aligner, FaceEmbedder, face_input
 from device.landmarks import read_dlib_shape_predictor
 from training.face.dlib_resnet import (CHIP, CONVOLUTIONS, FRAMING, Framing, LANDMARKS_FILE as LANDMARKS_DAT,
@@ -84,7 +85,7 @@ def test_port_matches_dlib_live(net, reference) -> None:
 
 
 def test_grey_model_is_the_chip_model_on_a_cut_chip(net, reference) -> None:
-    """The shipped model (grey 128x128 crop in, FACE_SPEC normalisation) = crop → chip → dlib, made unit length."""
+    """The --no-align model (grey 128x128 crop in, FACE_SPEC normalisation) = crop → fixed chip → dlib, unit length."""
     _, crops, expected = reference
     x = np.stack([c.astype(np.float32) / 127.5 - 1.0 for c in crops])[..., None]
     out = grey_embedder(net, FRAMING).predict(x, verbose=0)
@@ -110,17 +111,56 @@ def test_aligned_model_is_the_chip_model_on_the_aligners_chip(net, reference) ->
         face_input(crops[0], ALIGNED_SPEC)
 
 
-def test_bundle_refuses_a_modified_landmark_model(models_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
+@pytest.fixture()
+def bundle_copy(models_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "face-resnet"
     shutil.copytree(models_dir / "face-resnet", copy)
-    assert FaceEmbedder.from_bundle(copy).aligner is not None
-    data = bytearray((copy / LANDMARKS_FILE).read_bytes())
+    return copy
+
+
+def test_the_aligner_is_built_from_checked_bytes(bundle_copy: Path) -> None:
+    """Modified after the bundle was loaded (and its hashes checked once), the landmark model is still refused: the
+    aligner reads it through Bundle.read, which checks the bytes it hands over."""
+    bundle = Bundle.load(bundle_copy)
+    assert Aligner.from_spec(bundle.preprocessing, bundle.read).size == CHIP
+    data = bytearray((bundle_copy / LANDMARKS_FILE).read_bytes())
     data[len(data) // 2] ^= 1
-    (copy / LANDMARKS_FILE).write_bytes(bytes(data))
+    (bundle_copy / LANDMARKS_FILE).write_bytes(bytes(data))
     with pytest.raises(BundleError, match="does not match its manifest"):
-        FaceEmbedder.from_bundle(copy)
+        Aligner.from_spec(bundle.preprocessing, bundle.read)
+    with pytest.raises(BundleError, match="does not match its manifest"):
+        FaceEmbedder.from_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"box": [8, 19, 112]}, "four numbers"),
+    ({"box": [0, 0, 0, 0]}, "inside the 128x128 crop"),
+    ({"box": [8, 19, 112, 200]}, "inside the 128x128 crop"),
+    ({"padding": -1}, "padding"),
+    ({"crop": 0}, "whole numbers"),
+    ({"chip": 100}, "not the model input size"),
+    ({"box": "centre"}, "four numbers|could not convert"),
+])
+def test_a_damaged_align_entry_is_refused_at_load(bundle_copy: Path, change: dict, message: str) -> None:
+    """Bad geometry in the manifest would fail (or quietly degrade) every frame of the door lock: refused up front, so
+    `doorlock check-config` catches it."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["preprocessing"]["align"].update(change)
+    write_manifest(bundle_copy, manifest)
+    with pytest.raises(BundleError, match=message):
+        FaceEmbedder.from_bundle(bundle_copy)
+
+
+def test_the_enrolment_key_covers_the_alignment(bundle_copy: Path) -> None:
+    """Enrolled embeddings are keyed by FaceEmbedder.identity: for an aligning bundle it changes with the landmark
+    box even where the model file stays the same, so a rebuilt bundle re-embeds the gallery."""
+    before = FaceEmbedder.from_bundle(bundle_copy)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["preprocessing"]["align"]["box"] = [9, 19, 112, 123]
+    write_manifest(bundle_copy, manifest)
+    after = FaceEmbedder.from_bundle(bundle_copy)
+    assert after.model.path.read_bytes() == before.model.path.read_bytes()
+    assert after.identity != before.identity and len(after.identity) == 64
 
 
 def test_other_files_are_refused(tmp_path: Path) -> None:

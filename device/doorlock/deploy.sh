@@ -16,7 +16,7 @@ cd "$ROOT"
 [ -f "$BUNDLE/manifest.json" ] || { echo "no face bundle at $ROOT/$BUNDLE (build it first)" >&2; exit 2; }
 
 echo "==> copying device package and $BUNDLE to $PI:~/$STAGE"
-ssh "$PI" "mkdir -p ~/$STAGE/models"
+ssh "$PI" "rm -rf ~/$STAGE/models && mkdir -p ~/$STAGE/models"   # only the bundle deployed now: no stale one lingers
 rsync -az --delete --exclude '__pycache__' device pyproject.toml README.md "$PI:~/$STAGE/"
 rsync -az --delete "$BUNDLE/" "$PI:~/$STAGE/models/$(basename "$BUNDLE")/"
 
@@ -35,6 +35,21 @@ sudo apt-get install -y --no-install-recommends python3-picamera2 >/dev/null || 
 id doorlock >/dev/null 2>&1 || sudo useradd --system --home /opt/doorlock --shell /usr/sbin/nologin doorlock
 for g in video gpio; do getent group "$g" >/dev/null && sudo usermod -aG "$g" doorlock; done
 sudo mkdir -p /opt/doorlock /etc/doorlock /var/lib/doorlock
+# An existing config must name the bundle this deploy ships (the default changed from models/face to
+# models/face-resnet in session 7): check before /opt is touched, so a running service keeps its files.
+if [ -f /etc/doorlock/doorlock.toml ]; then
+    configured="$(sed -n 's/^[[:space:]]*bundle[[:space:]]*=[[:space:]]*["'"'"']\([^"'"'"']*\)["'"'"'].*/\1/p' /etc/doorlock/doorlock.toml | head -n 1)"
+    case "$configured" in
+        /opt/doorlock/models/*)
+            if [ ! -f "$HOME/$STAGE/models/$(basename "$configured")/manifest.json" ]; then
+                shipped="$(ls "$HOME/$STAGE/models")"
+                echo "error: /etc/doorlock/doorlock.toml uses [model] bundle = \"$configured\", but this deploy ships" \
+                     "models/$shipped. Set bundle = \"/opt/doorlock/models/$shipped\" there (enrolled people are" \
+                     "re-embedded from their stored crops on the next start), or deploy with BUNDLE=models/$(basename "$configured")." >&2
+                exit 1
+            fi ;;
+    esac
+fi
 sudo rsync -a --delete --exclude .venv "$HOME/$STAGE/" /opt/doorlock/
 [ -d /opt/doorlock/.venv ] || sudo python3 -m venv --system-site-packages /opt/doorlock/.venv
 sudo /opt/doorlock/.venv/bin/pip install --quiet --upgrade pip

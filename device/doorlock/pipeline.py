@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.bundle import Bundle, BundleError, sha256_file
+from device.bundle import Bundle, BundleError
 from device.detect import Face, FaceDetector, blur_score
 from device.doorlock.config import Config, ConfigError
 from device.doorlock.decide import Gallery, Match
@@ -37,7 +37,7 @@ class Recognizer:
         self.detector = detector
         self.embedder = embedder
         self.min_blur = min_blur
-        self.model_sha256 = sha256_file(embedder.model.path)
+        self.model_sha256 = embedder.identity  # what enrolled embeddings are keyed by (re-embedded when it changes)
         self._last_box = None
         self._last_shape: tuple[int, ...] | None = None
 
@@ -59,15 +59,17 @@ class Recognizer:
     def threshold(self, setting: str | float) -> float:
         """A config threshold (a bundle threshold name or a distance) for this model, in the gallery's units.
 
-        A number is a raw distance; one looser than the model's own `best_accuracy` distance would let most
-        strangers in (a normalised score copied from `check-config` looks like one), so it is refused.
+        A number is a raw distance, and distances mean different things for different models (0.40 was strict for
+        the student and lets in ~a quarter of stranger attempts with face-resnet), so one looser than the model's
+        own `far_0.1pct` distance, the loosest a bundle offers for access, is refused (a normalised score copied
+        from `check-config` looks like one too).
         """
         if isinstance(setting, str):
             return self.embedder.score_threshold(setting) if self.normalises(setting) else self.embedder.threshold(setting)
-        loosest = self.embedder.threshold("best_accuracy")
+        loosest = self.embedder.threshold("far_0.1pct")
         if float(setting) > loosest:
             raise ConfigError(f"[decision] threshold {setting} is a raw distance (a number always is) looser than "
-                              f"this model's best_accuracy distance {loosest:.3f}: strangers would be let in. Use a "
+                              f"this model's far_0.1pct distance {loosest:.3f}: strangers would be let in. Use a "
                               f"bundle threshold name such as \"far_0.001pct\", or a distance below {loosest:.3f}")
         return float(setting)
 

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from device.landmarks import DlibReader
 from training.face.models import L2Normalize, PadChannels
 from training.teacher import EMBEDDING_SIZE
 
@@ -59,39 +60,6 @@ class DlibResnet:
     sha256: str
 
 
-def _int(data: bytes, at: int) -> tuple[int, int]:
-    """dlib's packed integer: a control byte (length in the low nibble, 0x80 = negative), then little-endian bytes."""
-    control = data[at]
-    size = control & 0x0F
-    value = int.from_bytes(data[at + 1 : at + 1 + size], "little")
-    return (-value if control & 0x80 else value), at + 1 + size
-
-
-def _float(data: bytes, at: int) -> tuple[float, int]:
-    """dlib's portable float: mantissa and exponent as packed integers (value = mantissa * 2**exponent)."""
-    mantissa, at = _int(data, at)
-    exponent, at = _int(data, at)
-    return mantissa * 2.0 ** exponent, at
-
-
-def _string(data: bytes, at: int) -> tuple[str, int]:
-    size, at = _int(data, at)
-    return data[at : at + size].decode("ascii"), at + size
-
-
-def _tensor(data: bytes, at: int) -> tuple[np.ndarray, int]:
-    """A dlib tensor: version 2, four packed dimensions, then raw little-endian float32 values."""
-    version, at = _int(data, at)
-    if version != 2:
-        raise ValueError(f"unexpected dlib tensor version {version}")
-    dims = []
-    for _ in range(4):
-        value, at = _int(data, at)
-        dims.append(value)
-    count = int(np.prod(dims))
-    return np.frombuffer(data, "<f4", count, at).astype(np.float32).reshape(dims), at + 4 * count
-
-
 def _records(data: bytes, name: str) -> list[int]:
     """Offsets just past every serialised string `name` (a layer's version tag) in the file, in file order."""
     tag = bytes([0x01, len(name)]) + name.encode()
@@ -105,8 +73,9 @@ def _records(data: bytes, name: str) -> list[int]:
 def read_dlib_resnet(path: Path) -> DlibResnet:
     """Parse dlib_face_recognition_resnet_model_v1.dat (layers are stored input side first).
 
-    Only the parameters are read; the layer order and shapes are checked against the architecture above, so a
-    different network file is refused rather than misread.
+    Only the parameters are read, with device.landmarks.DlibReader (dlib's packed integers, floats and tensors); the
+    layer order and shapes are checked against the architecture above, so a different network file is refused
+    rather than misread.
     """
     data = Path(path).read_bytes()
     inputs = _records(data, "input_rgb_image_sized")
@@ -114,34 +83,28 @@ def read_dlib_resnet(path: Path) -> DlibResnet:
     if len(inputs) != 1 or len(convs_at) != CONVOLUTIONS or len(affines_at) != CONVOLUTIONS or len(fc_at) != 1:
         raise ValueError(f"{path} is not dlib's face recognition ResNet v1 (found {len(convs_at)} convolutions, "
                          f"{len(affines_at)} affine layers, {len(fc_at)} fc layers)")
-    at = inputs[0]
-    means = []
-    for _ in range(3):
-        value, at = _float(data, at)
-        means.append(value)
+
+    def reader(at: int) -> DlibReader:
+        return DlibReader(data, str(path), "dlib face ResNet", at)
+
+    means = reader(inputs[0]).floats(3)
     convs = []
     for conv_at, affine_at in zip(convs_at, affines_at):
-        params, at = _tensor(data, conv_at)
-        filters, at = _int(data, at)
-        rows, at = _int(data, at)
-        cols, at = _int(data, at)
-        stride, at = _int(data, at)
-        _, at = _int(data, at)  # stride_x (always = stride_y here)
-        padding, _ = _int(data, at)
-        params = params.reshape(-1)
+        layer = reader(conv_at)
+        params = layer.tensor().reshape(-1)
+        filters, rows, cols, stride, _, padding, _ = layer.ints(7)  # stride_x = stride_y and padding_x = _y here
         inputs_n = (params.size - filters) // (filters * rows * cols)
         weights = params[: filters * inputs_n * rows * cols].reshape(filters, inputs_n, rows, cols)
         bias = params[filters * inputs_n * rows * cols :]
-        affine, _ = _tensor(data, affine_at)
-        gamma, beta = np.split(affine.reshape(-1), 2)
+        gamma, beta = np.split(reader(affine_at).tensor().reshape(-1), 2)
         convs.append(Conv(kernel=(weights * gamma[:, None, None, None]).transpose(2, 3, 1, 0),
                           bias=bias * gamma + beta, stride=stride, padding=padding))
-    outputs, at = _int(data, fc_at[0])
-    fc_inputs, at = _int(data, at)
-    dense, _ = _tensor(data, at)
+    fc = reader(fc_at[0])
+    outputs, fc_inputs = fc.ints(2)
+    dense = fc.tensor()
     if dense.shape[:2] != (fc_inputs, outputs) or outputs != EMBEDDING_SIZE:
         raise ValueError(f"{path}: unexpected fc layer {dense.shape}")
-    return DlibResnet(convs, dense.reshape(fc_inputs, outputs), (means[0], means[1], means[2]),
+    return DlibResnet(convs, dense.reshape(fc_inputs, outputs), (float(means[0]), float(means[1]), float(means[2])),
                       hashlib.sha256(data).hexdigest())
 
 
