@@ -27,8 +27,7 @@ from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, person_of, student_inputs, validation_set
 from training.face.metrics import (all_pairs_report, best_threshold, matrix_report, pair_distances, threshold_at_far,
                                    verification_report)
-from training.face.dlib_resnet import LANDMARKS_FILE as LANDMARKS_DAT
-from training.face.dlib_resnet import find_model_file
+from training.face.dlib_resnet import LANDMARKS_DAT, find_model_file
 from training.face.train import embed_keras, load_lfw
 from training.teacher import (EMBEDDING_SIZE, TeacherCache, default_workers, load_teacher, teacher_available,
                               teacher_embeddings, teacher_model_bytes)

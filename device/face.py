@@ -87,6 +87,7 @@ class Aligner:
     """
 
     predictor: ShapePredictor
+    digest: str  # sha256 of the landmark-model bytes it was built from (part of FaceEmbedder.identity)
     crop: int = CROP_SIZE
     box: tuple[float, float, float, float] = ALIGN_BOX
     size: int = CHIP_SIZE
@@ -114,7 +115,8 @@ class Aligner:
             raise ValueError(f"landmark box {align['box']!r} must be four numbers (left, top, right, bottom)")
         if [int(align["chip"])] * 2 != [int(v) for v in spec["size"]]:
             raise ValueError(f"chip {align['chip']!r} is not the model input size {spec['size']!r}")
-        return cls(ShapePredictor.load(io.BytesIO(read(align["landmarks"]))), int(align["crop"]),
+        data = read(align["landmarks"])
+        return cls(ShapePredictor.load(io.BytesIO(data)), hashlib.sha256(data).hexdigest(), int(align["crop"]),
                    (box[0], box[1], box[2], box[3]), int(align["chip"]), float(align["padding"]))
 
     def chip(self, gray: np.ndarray) -> np.ndarray:
@@ -344,7 +346,7 @@ class FaceEmbedder:
         if self.aligner is None:
             return model_sha
         digest = hashlib.sha256(model_sha.encode())
-        digest.update(self.aligner.predictor.to_bytes())
+        digest.update(self.aligner.digest.encode())
         digest.update(json.dumps(self.spec, sort_keys=True).encode())
         return digest.hexdigest()
 

@@ -4,7 +4,8 @@ dlib aligns every face before its face ResNet sees it: its 5-point shape predict
 (`shape_predictor_5_face_landmarks.dat`, public domain; an ensemble of regression trees after Kazemi & Sullivan
 2014) finds the eye corners and the base of the nose, and `get_face_chip_details` turns them into a similarity
 transform to a 150x150 chip. That network, ported to LiteRT (models/face-resnet), needs exactly that alignment on
-the device, where dlib is not installed (it compiles from source for an hour on a Pi). This module reproduces both from dlib 20's source, bit for bit where it matters:
+the device, where dlib is not installed (it compiles from source for an hour on a Pi). This module reproduces
+both from dlib 20's source, bit for bit where it matters:
 
 * the model is the same numbers: `read_dlib_shape_predictor` parses dlib's serialisation (host side, once),
   `ShapePredictor.to_bytes` / `load` keep it as a plain `.npz` for the model bundle (5.8 MB, no pickle);
@@ -292,8 +293,10 @@ class ShapePredictor:
         levels, n_features = self.anchor_idx.shape
         _, n_trees, n_splits = self.split_thresh.shape
         depth = int(n_splits + 1).bit_length() - 1
-        if (1 << depth) - 1 != n_splits or depth < 1 or depth > 16:
+        if (1 << depth) - 1 != n_splits or depth < 1:
             raise ValueError(f"trees must be complete binary trees, got {n_splits} splits")
+        if depth > 4:  # dlib's default and its 5- and 68-point models; deeper trees would need another leaf lookup
+            raise ValueError(f"trees of depth {depth} are not supported (at most 4)")
         expect = {
             "deltas": (self.deltas.shape, (levels, n_features, 2)),
             "split_idx1": (self.split_idx1.shape, (levels, n_trees, n_splits)),
@@ -320,7 +323,6 @@ class ShapePredictor:
         # every split of every tree as a (2, T * S) index, integer thresholds (the pixel difference is an
         # integer, so `diff > t` is `diff > floor(t)`; NaN never sends left), leaves flat (T * L, 2P), and
         # each tree's first leaf row.
-        self._depth = depth
         self._dx = np.ascontiguousarray(self.deltas[..., 0])
         self._dy = np.ascontiguousarray(self.deltas[..., 1])
         self._pairs = np.stack([self.split_idx1.reshape(levels, -1), self.split_idx2.reshape(levels, -1)],
@@ -332,7 +334,7 @@ class ShapePredictor:
         self._leaf_base = np.arange(n_trees, dtype=np.intp) * (n_splits + 1)
         # Bit j of a tree's code = "went left at node j"; codes of up to 15 bits are exact in float32, so a
         # float32 matrix-vector product packs them, and a 32768-entry table turns a code into the leaf.
-        self._table = _leaf_table(depth) if depth <= 4 else None
+        self._table = _leaf_table(depth)
         self._powers = (2.0 ** np.arange(n_splits)).astype(np.float32)
         initial = self.initial_shape.astype(np.float64)
         centred = initial - initial.mean(axis=0)
@@ -419,10 +421,7 @@ class ShapePredictor:
             # every split of every tree at once: go left when values[idx1] - values[idx2] > thresh
             pair = values.take(self._pairs[level])
             left_bits = ((pair[0] - pair[1]) > self._thresh[level]).reshape(n_trees, -1)
-            if table is not None:
-                leaf = table.take((left_bits.astype(np.float32) @ powers).astype(np.intp))
-            else:
-                leaf = _walk(left_bits, self._depth)
+            leaf = table.take((left_bits.astype(np.float32) @ powers).astype(np.intp))
             # current_shape += each tree's leaf, one tree after the other in float32 (dlib's rounding order;
             # numpy reduces over the slow axis row by row, never pairwise)
             accumulate[0] = shape
@@ -433,15 +432,6 @@ class ShapePredictor:
         if not subpixel:
             points = np.floor(points + 0.5)
         return points.astype(np.float32)
-
-
-def _walk(left_bits: np.ndarray, depth: int) -> np.ndarray:
-    """Leaf index per tree by walking the levels (for trees too deep for a lookup table)."""
-    rows = np.arange(left_bits.shape[0])
-    node = np.zeros(left_bits.shape[0], np.intp)
-    for _ in range(depth):
-        node = 2 * node + 2 - left_bits[rows, node]
-    return node - left_bits.shape[1]
 
 
 def _pixels(image: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,13 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return MODELS
+
+
+def copy_bundle(models_dir: Path, name: str, tmp_path: Path) -> Path:
+    """A writable copy of the shipped bundle `name` under tmp_path, for tests that damage or edit one."""
+    target = tmp_path / name
+    shutil.copytree(models_dir / name, target)
+    return target
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import copy_bundle, run_cli
 
 from device.bundle import Bundle, BundleError
 from device.digits import DigitReader
@@ -15,9 +15,7 @@ from device.digits import DigitReader
 
 @pytest.fixture()
 def bundle_copy(models_dir: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "digits"
-    shutil.copytree(models_dir / "digits", target)
-    return target
+    return copy_bundle(models_dir, "digits", tmp_path)
 
 
 def test_shipped_bundle_verifies_and_describes_its_models(models_dir: Path) -> None:

@@ -9,19 +9,18 @@ installed (host extra `teacher`) the same check also runs against dlib live.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, copy_bundle
 
 from device.bundle import Bundle, BundleError, write_manifest
 from device.face import ALIGNED_SPEC, LANDMARKS_FILE, Aligner, FaceEmbedder, face_input
 from device.landmarks import read_dlib_shape_predictor
-from training.face.dlib_resnet import (CHIP, CONVOLUTIONS, FRAMING, Framing, LANDMARKS_FILE as LANDMARKS_DAT,
-                                       chip_model, find_model_file, find_weights, grey_embedder, read_dlib_resnet)
+from training.face.dlib_resnet import (CHIP, CONVOLUTIONS, FRAMING, LANDMARKS_DAT, Framing, chip_model,
+                                       find_model_file, find_weights, grey_embedder, read_dlib_resnet)
 from training.teacher import teacher_available
 
 FIXTURE = REPO / "tests" / "fixtures" / "dlib_chip_descriptors.json"
@@ -98,7 +97,8 @@ def test_grey_model_is_the_chip_model_on_a_cut_chip(net, reference) -> None:
 def test_aligned_model_is_the_chip_model_on_the_aligners_chip(net, reference) -> None:
     """The shipped model takes the Aligner's grey chip (dlib's landmarks and transform) in FACE_SPEC normalisation."""
     _, crops, _ = reference
-    aligner = Aligner(read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)))
+    stored = {LANDMARKS_FILE: read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()}
+    aligner = Aligner.from_spec(ALIGNED_SPEC, stored.__getitem__)
     chips = np.stack([aligner.chip(c) for c in crops])
     assert chips.shape == (3, CHIP, CHIP)
     x = np.stack([face_input(c, ALIGNED_SPEC, aligner) for c in crops])
@@ -113,9 +113,7 @@ def test_aligned_model_is_the_chip_model_on_the_aligners_chip(net, reference) ->
 
 @pytest.fixture()
 def bundle_copy(models_dir: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "face-resnet"
-    shutil.copytree(models_dir / "face-resnet", copy)
-    return copy
+    return copy_bundle(models_dir, "face-resnet", tmp_path)
 
 
 def test_the_aligner_is_built_from_checked_bytes(bundle_copy: Path) -> None:

@@ -22,12 +22,12 @@ from conftest import REPO
 from device.face import ALIGN_BOX
 from device.landmarks import (ChipDetails, ShapePredictor, chip_to_image, chip_transform, face_chip_details,
                               read_dlib_shape_predictor)
-from training.face.dlib_resnet import LANDMARKS_FILE, find_model_file
+from training.face.dlib_resnet import LANDMARKS_DAT, find_model_file
 
 FIXTURE = REPO / "tests" / "fixtures" / "landmarks_reference.json"
 @pytest.fixture(scope="module")
 def predictor() -> ShapePredictor:
-    return read_dlib_shape_predictor(find_model_file(LANDMARKS_FILE))
+    return read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_other_files_are_refused(predictor: ShapePredictor, data_dir: Path, tmp_
     with pytest.raises(ValueError, match="not a dlib shape predictor"):
         read_dlib_shape_predictor(jpeg)
     truncated = tmp_path / "truncated.dat"
-    truncated.write_bytes(find_model_file(LANDMARKS_FILE).read_bytes()[:100_000])
+    truncated.write_bytes(find_model_file(LANDMARKS_DAT).read_bytes()[:100_000])
     with pytest.raises(ValueError, match="not a dlib shape predictor"):
         read_dlib_shape_predictor(truncated)
     npz = tmp_path / "landmarks.npz"

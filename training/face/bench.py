@@ -3,7 +3,8 @@
 `python -m training.face.bench` (part of `make bench`). Each timing is one full `embed` call from a 128x128
 grey crop: preprocessing + inference (of the crop and its mirror image) for our bundles — models/face, the
 distilled student, and models/face-resnet, dlib's own network ported to LiteRT — and detection + 5-point
-alignment + ResNet for dlib itself, on one thread. The teacher rows appear only where dlib is installed (host extra `teacher`).
+alignment + ResNet for dlib itself, on one thread. The teacher rows appear only where dlib is installed (host
+extra `teacher`).
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128) -> 
 # best (balanced accuracy 96.81%; the whole crop 93.78%; aligned chips, the default: 98.27%).
 FRAMING = Framing(top=11, left=5, side=117)
 WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
+LANDMARKS_DAT = "shape_predictor_5_face_landmarks.dat"
 WEIGHTS_MISSING = ("dlib's face ResNet and 5-point landmark models come from the PyPI package "
                    "face_recognition_models (host extra: pip install .[host])")
 
