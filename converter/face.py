@@ -21,7 +21,7 @@ from converter.package import (FLOAT_FILE, INT8_FILE, device_outputs, load_train
                                toolchain, write_bundle)
 from converter.tflite import to_float
 from device.bundle import sha256_file
-from device.face import ALIGNED_SPEC, LANDMARKS_FILE, Aligner, Cohort, embeddings, face_spec
+from device.face import LANDMARKS_FILE, Aligner, Cohort, aligned_spec, embeddings, face_spec
 from device.landmarks import read_dlib_shape_predictor
 from training.datasets.lfw import find_pairs_file, load_faces
 from training.face.data import pair_images, person_of, student_inputs, validation_set
@@ -153,16 +153,18 @@ def teacher_on_pairs(crops: np.ndarray, cache_dir: Path) -> np.ndarray | None:
 def input_spec(model: Any, train_info: dict[str, Any]) -> tuple[dict[str, Any], Aligner | None, dict[str, bytes]]:
     """The preprocessing a model was made for, its aligner, and the files that go into the bundle with it.
 
-    A model trained on aligned chips (train_info input "aligned-chip": the ported dlib network) gets dlib's 5-point
-    landmark model as a bundle file, and every measurement here aligns with an Aligner built from exactly those bytes.
+    A model trained on aligned chips (train_info input "aligned-chip": the ported dlib network at 150 px, or a student
+    cut from it at its own chip size) gets dlib's 5-point landmark model as a bundle file, and every measurement here
+    aligns with an Aligner built from exactly those bytes.
     """
     if train_info.get("input") != "aligned-chip":
         return face_spec(model.input_shape[1]), None, {}  # the input size the model was trained at
     source = find_model_file(LANDMARKS_DAT)
     files = {LANDMARKS_FILE: read_dlib_shape_predictor(source).to_bytes()}
-    spec = {**ALIGNED_SPEC, "align": {**ALIGNED_SPEC["align"],
-                                      "source": {"file": source.name, "sha256": sha256_file(source),
-                                                 "package": "face_recognition_models"}}}
+    chip = aligned_spec(model.input_shape[1])
+    spec = {**chip, "align": {**chip["align"],
+                              "source": {"file": source.name, "sha256": sha256_file(source),
+                                         "package": "face_recognition_models"}}}
     return spec, Aligner.from_spec(spec, files.__getitem__), files
 
 

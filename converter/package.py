@@ -37,7 +37,7 @@ def load_trained(keras_path: Path, task: str, outputs: int) -> tuple[Any, dict[s
     import keras
 
     try:
-        model = keras.saving.load_model(keras_path)
+        model = keras.saving.load_model(keras_path, compile=False)  # inference only: no training losses needed
     except (OSError, ValueError, KeyError, TypeError) as exc:  # zip/h5 damage surfaces as any of these
         raise ValueError(f"{keras_path} is not a readable Keras model ({exc})") from exc
     info_path = Path(keras_path).with_name("train_info.json")

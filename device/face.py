@@ -12,9 +12,10 @@ differ slightly); the top-level `thresholds` are those of the default int8 model
 answers for the model this object runs. A bundle may also carry a cohort for score normalisation
 (`Cohort`) with its own thresholds on the normalised score (`score_threshold()`; accept when score >= it).
 
-A bundle whose preprocessing has `align` (models/face-resnet: dlib's network, trained on aligned chips) also carries
-dlib's 5-point landmark model: `Aligner` finds the eyes and nose in the 128x128 crop and resamples the 150x150 chip
-dlib would cut (device/landmarks.py), which is what the model then sees.
+A bundle whose preprocessing has `align` (models/face-resnet: dlib's network, trained on aligned chips; models/face:
+the student cut from it) also carries dlib's 5-point landmark model: `Aligner` finds the eyes and nose in the 128x128
+crop and resamples the chip dlib would cut (device/landmarks.py; 150x150, or the student's 112x112), which is what
+the model then sees.
 """
 
 from __future__ import annotations
@@ -67,15 +68,24 @@ def face_spec(side: int) -> dict[str, Any]:
 ALIGN_BOX = (8, 19, 112, 123)
 CHIP_SIZE, CHIP_PADDING = 150, 0.25  # dlib's face chip: get_face_chip_details(shape, 150, 0.25)
 LANDMARKS_FILE = "landmarks_5pt.npz"
-ALIGNED_SPEC: dict[str, Any] = {
-    **FACE_SPEC,
-    "kind": "face-chip-5pt",
-    "size": [CHIP_SIZE, CHIP_SIZE],
-    "crop": "device.face.crop_face of the Haar box (128x128 grey), then device.face.Aligner: dlib's 5-point landmarks "
-            "in `align.box` and the similarity transform to dlib's 150x150 chip (padding 0.25), bilinear, 0 outside",
-    "align": {"landmarks": LANDMARKS_FILE, "crop": CROP_SIZE, "box": list(ALIGN_BOX), "chip": CHIP_SIZE,
-              "padding": CHIP_PADDING},
-}
+
+
+def aligned_spec(chip: int = CHIP_SIZE) -> dict[str, Any]:
+    """The preprocessing of a model that takes dlib's aligned chip at `chip` px a side (150: dlib's own network;
+    smaller: a student distilled from it, training/face/slim.py)."""
+    return {
+        **FACE_SPEC,
+        "kind": "face-chip-5pt",
+        "size": [chip, chip],
+        "crop": "device.face.crop_face of the Haar box (128x128 grey), then device.face.Aligner: dlib's 5-point "
+                f"landmarks in `align.box` and the similarity transform to dlib's {chip}x{chip} chip (padding "
+                f"{CHIP_PADDING}), bilinear, 0 outside",
+        "align": {"landmarks": LANDMARKS_FILE, "crop": CROP_SIZE, "box": list(ALIGN_BOX), "chip": chip,
+                  "padding": CHIP_PADDING},
+    }
+
+
+ALIGNED_SPEC = aligned_spec()
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 `python -m training.face.bench` (part of `make bench`). Each timing is one full `embed` call from a 128x128
 grey crop: preprocessing + inference (of the crop and its mirror image) for our bundles — models/face, the
-distilled student, and models/face-resnet, dlib's own network ported to LiteRT — and detection + 5-point
+student cut from dlib's network and distilled from it, and models/face-resnet, dlib's own network ported to LiteRT;
+both align with dlib's 5-point landmarks first — and detection + 5-point
 alignment + ResNet for dlib itself, on one thread. The teacher rows appear only where dlib is installed (host
 extra `teacher`).
 """

@@ -33,7 +33,7 @@ import numpy as np
 from keras import layers
 
 from device.landmarks import DlibReader
-from training.face.models import L2Normalize, PadChannels
+from training.face.models import Centre, L2Normalize, PadChannels
 from training.teacher import EMBEDDING_SIZE
 
 CHIP = 150  # dlib's chip side (input_rgb_image_sized<150>)
@@ -47,7 +47,7 @@ class Conv:
     kernel: np.ndarray  # (rows, cols, in, out): Keras layout
     bias: np.ndarray
     stride: int
-    padding: int
+    padding: int | str  # dlib's zero padding on every side; "same" (Keras') only in students cut from it (slim.py)
 
 
 @dataclass
@@ -113,7 +113,9 @@ def _conv(x: Any, conv: Conv, name: str) -> Any:
     which is Keras' "same" (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
     oneDNN fusion of pad + convolution crashed graph-mode predict in about one process in three)."""
     kernel = conv.kernel.shape[0]
-    if conv.padding == 0:
+    if conv.padding == "same":
+        padding = "same"
+    elif conv.padding == 0:
         padding = "valid"
     elif conv.stride == 1 and kernel % 2 == 1 and conv.padding == kernel // 2:
         padding = "same"
@@ -182,16 +184,19 @@ class Framing:
             raise ValueError(f"framing {self} does not fit inside a {crop}x{crop} crop")
 
 
-def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128) -> keras.Model:
+def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128, chip: int = CHIP,
+                  centre: np.ndarray | None = None) -> keras.Model:
     """Grey input normalised as device.face.FACE_SPEC ((pixel / 127.5) - 1) → unit 128-D embedding.
 
-    framing=None: the input is already dlib's aligned 150x150 chip (device.face.Aligner makes it). Otherwise the
-    input is a `crop`-sized crop and the chip is one fixed square of it, cut and resized inside the model (two int8
-    ops). Either way the grey level becomes dlib's three normalised channels by a fixed 1x1 convolution:
-    ((x + 1) * 127.5 - mean_c) / 256.
+    framing=None: the input is already an aligned `chip` x `chip` chip (device.face.Aligner makes it; dlib's network
+    takes 150, a student cut from it may take less). Otherwise the input is a `crop`-sized crop and the chip is one
+    fixed square of it, cut and resized inside the model (two int8 ops). Either way the grey level becomes dlib's
+    three normalised channels by a fixed 1x1 convolution: ((x + 1) * 127.5 - mean_c) / 256. With `centre` (a
+    student's: the teacher's mean embedding on the training chips) the unit output is moved off that mean and
+    normalised again, which is the centred target the student learns (train.centred says why).
     """
     if framing is None:
-        x = inputs = keras.Input((CHIP, CHIP, 1))
+        x = inputs = keras.Input((chip, chip, 1))
     else:
         framing.check(crop)
         inputs = keras.Input((crop, crop, 1))
@@ -203,8 +208,14 @@ def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128) -> 
     x = to_rgb(x)
     to_rgb.set_weights([np.full((1, 1, 1, 3), 127.5 / 256, np.float32),
                         np.array([(127.5 - m) / 256 for m in net.channel_means], np.float32)])
-    outputs = L2Normalize(name="embedding")(resnet_body(x, net))
-    return keras.Model(inputs, outputs, name="dlib_resnet")
+    x = resnet_body(x, net)
+    if centre is not None:
+        x = L2Normalize(name="teacher_direction")(x)
+        shift = Centre(name="centre")
+        x = shift(x)
+        shift.set_weights([np.asarray(centre, np.float32)])
+    outputs = L2Normalize(name="embedding")(x)
+    return keras.Model(inputs, outputs, name="dlib_resnet" if centre is None else "dlib_resnet_slim")
 
 
 # Without landmarks (--no-align), the fixed square of the 128 crop taken as the chip. Chosen on the validation people

@@ -46,6 +46,17 @@ class PadChannels(layers.Layer):
         return {**super().get_config(), "extra": self.extra}
 
 
+@keras.saving.register_keras_serializable(package="edge_face")
+class Centre(layers.Layer):
+    """Subtracts a fixed vector (not trained): one int8 SUB op in TFLite."""
+
+    def build(self, input_shape: Any) -> None:
+        self.mean = self.add_weight(shape=(int(input_shape[-1]),), initializer="zeros", trainable=False, name="mean")
+
+    def call(self, inputs: Any) -> Any:
+        return inputs - self.mean
+
+
 def _conv_bn(x: Any, filters: int, kernel: int = 3, strides: int = 1, relu: bool = True) -> Any:
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization(momentum=0.9)(x)

@@ -1,0 +1,260 @@
+"""A compact face student cut out of dlib's network (dlib_resnet.py), then distilled back towards it.
+
+Students trained from scratch on LFW's 7.7k training photos stop near 95% (models/face); dlib's own network scores
+98.5% but is 5.6 M parameters at 150 px. This student starts as a *slice* of that network, so it keeps much of what
+dlib learnt from ~3 M faces instead of relearning it from 7.7k:
+- every convolution keeps the output channels that fire most on our training chips (`channel_scores`); a level's
+  residual stream keeps the previous level's channels first, in the same order, so dlib's zero-extending shortcut
+  still adds each channel to itself (`cut`);
+- the input shrinks to a 112 px chip (same alignment, fewer pixels); the last down block then sees 2x2 and pads,
+  where dlib's unpadded stride-2 convolution would have nothing left to slide over;
+- distillation then recovers what the cut lost, on aligned chips ("function matching"): every augmented version of
+  every training image is labelled by the ported teacher on its own 150 px chip of the very same pixels, and the
+  student learns the centred teacher direction (1 - cosine, as train.distill_loss).
+Model selection is train.py's: balanced accuracy over every pair of the validation people's images; the untrained
+cut competes as epoch 0. Evaluation folds are never touched here (the converter measures them).
+
+Reads top to bottom: channel scores → the cut → teacher targets (cached) → training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from device.face import LANDMARKS_FILE, Aligner, aligned_spec
+from device.landmarks import read_dlib_shape_predictor
+from training.common import StepLog, count_macs, save_run, seed_everything, toolchain_versions
+from training.datasets.lfw import load_faces
+from training.face.data import augment, student_inputs, validation_set
+from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, Conv, DlibResnet, find_model_file, find_weights,
+                                       grey_embedder, read_dlib_resnet)
+from training.face.train import CHECKPOINT, SELECT_BY, SELECTION, centred, distill_loss, load_lfw, validate
+
+# Residual-stream width per level (dlib: 32, 64, 128, 256, 256); each block's inner width is its level's.
+# 0.93 M parameters and ~80 M MACs at 112 px, against dlib's 5.6 M and 0.27 G at 150 px.
+WIDTHS = (32, 48, 64, 80, 96)
+SIZE = 112
+DEFAULT_CACHE = Path("build/face-slim/teacher")
+SCORE_IMAGES = 512  # training chips whose mean activations rank the channels
+WARMUP_STEPS = 300
+
+
+def channel_scores(teacher: keras.Model, chips: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean activation of every channel after each ReLU of the teacher (dlib_resnet's layer names), over `chips`.
+
+    A ReLU channel that stays near zero on faces like ours contributes little downstream: those are cut first.
+    """
+    names = [layer.name for layer in teacher.layers if layer.name.endswith(("_relu", "_relu1")) or
+             layer.name == "stem_pool"]
+    probe = keras.Model(teacher.input, [teacher.get_layer(n).output for n in names])
+    sums = {n: 0.0 for n in names}
+    for start in range(0, len(chips), 64):
+        outputs = probe.predict(chips[start:start + 64], verbose=0)
+        for name, out in zip(names, outputs):
+            sums[name] = sums[name] + np.asarray(out, np.float64).sum(axis=(0, 1, 2))
+    return {n: s / len(chips) for n, s in sums.items()}
+
+
+def _spatial_after_down(side: int) -> int:
+    return (side - 3) // 2 + 1  # dlib's 3x3 stride-2 convolution without padding
+
+
+def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] = WIDTHS,
+        size: int = SIZE) -> DlibResnet:
+    """dlib's network with only the `widths` strongest channels per level, for a `size` px chip.
+
+    Stream channels of level n (the stem's output for level 0, every block's output after it) are ranked by their
+    mean activation over the level's block outputs; level n keeps level n-1's channels first and in order (they are
+    the channels the down block's zero-extended shortcut lands on), then its own strongest others. Inner channels of
+    a block (after its first ReLU) are ranked on their own. A down block whose input is too small for an unpadded
+    3x3 stride-2 convolution pads ("same") instead.
+    """
+    if len(widths) != len(LEVELS) or any(b < a for a, b in zip(widths, widths[1:])):
+        raise ValueError(f"widths {widths} must be {len(LEVELS)} non-decreasing numbers, one per level")
+    for width, (_, teacher_width) in zip(widths, LEVELS):
+        if not 0 < width <= teacher_width:
+            raise ValueError(f"width {width} must be between 1 and dlib's {teacher_width}")
+    convs = iter(net.convs)
+    stem = next(convs)
+    side = _spatial_after_down((size - 7) // 2 + 1)  # stem 7x7/2, then max pool 3x3/2
+    kept: list[Conv] = []
+    previous = np.zeros(0, dtype=int)
+    for level, ((blocks, _), width) in enumerate(zip(LEVELS, widths)):
+        stream = np.mean([scores[f"l{level}b{b}_relu"] for b in range(blocks)], axis=0)
+        if level == 0:
+            stream = stream + scores["stem_pool"]
+        others = [c for c in np.argsort(-stream, kind="stable") if c not in set(previous.tolist())]
+        channels = np.concatenate([previous, np.array(others[: width - len(previous)], dtype=int)])
+        if level == 0:
+            kept.append(Conv(stem.kernel[..., channels], stem.bias[channels], stem.stride, stem.padding))
+        for block in range(blocks):
+            first, second = next(convs), next(convs)
+            inner = np.sort(np.argsort(-scores[f"l{level}b{block}_relu1"], kind="stable")[:width])
+            inputs = previous if block == 0 and level > 0 else channels
+            padding = first.padding
+            if first.stride == 2:
+                padding = first.padding if _spatial_after_down(side) >= 1 else "same"
+                side = _spatial_after_down(side) if padding != "same" else -(-side // 2)
+            kept.append(Conv(first.kernel[:, :, inputs][..., inner], first.bias[inner], first.stride, padding))
+            kept.append(Conv(second.kernel[:, :, inner][..., channels], second.bias[channels], second.stride,
+                             second.padding))
+        previous = channels
+    return DlibResnet(kept, net.dense[previous], net.channel_means, net.sha256)
+
+
+def aligner_for(size: int, landmarks: bytes) -> Aligner:
+    return Aligner.from_spec(aligned_spec(size), {LANDMARKS_FILE: landmarks}.__getitem__)
+
+
+def chips_of(crops: np.ndarray, aligner: Aligner) -> np.ndarray:
+    """Aligned grey chips (uint8) of 128x128 crops."""
+    return np.stack([aligner.chip(c) for c in crops])
+
+
+def teacher_targets(teacher: keras.Model, chips: np.ndarray, cache_dir: Path, weights_sha: str) -> np.ndarray:
+    """The teacher's embeddings of these 150 px chips, cached under a checksum of the weights and the chip bytes.
+
+    The key covers every pixel the teacher saw, so a change to alignment, augmentation or the data can never return
+    stale targets; a damaged cache file is recomputed.
+    """
+    digest = hashlib.sha256(weights_sha.encode() + chips.tobytes()).hexdigest()
+    path = cache_dir / f"{digest[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as stored:
+                if str(stored["digest"]) == digest and stored["targets"].shape == (len(chips), 128):
+                    return stored["targets"]
+        except (OSError, ValueError, KeyError):
+            pass
+    targets = teacher.predict(chips[..., None].astype(np.float32) / 127.5 - 1.0, batch_size=64, verbose=0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npz")
+    np.savez(partial, digest=digest, targets=targets.astype(np.float32))
+    partial.replace(path)
+    return targets.astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="edge_face")
+def slim_distill_loss(target: Any, student: Any) -> Any:
+    """Keras' (y_true, y_pred) order for train.distill_loss (1 - cosine to the centred teacher embedding)."""
+    return distill_loss(student, target)
+
+
+class ChipBatches(keras.utils.PyDataset):
+    """Shuffled batches of uint8 chips, normalised as device.face.FACE_SPEC, with their centred teacher targets."""
+
+    def __init__(self, chips: np.ndarray, targets: np.ndarray, batch: int, seed: int):
+        super().__init__()
+        self.chips, self.targets, self.batch = chips, targets, batch
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(chips))
+
+    def __len__(self) -> int:
+        return len(self.chips) // self.batch
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.sort(self.order[index * self.batch:(index + 1) * self.batch])
+        return self.chips[idx][..., None].astype(np.float32) / 127.5 - 1.0, self.targets[idx]
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.chips))
+
+
+def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int, ...] = WIDTHS, size: int = SIZE,
+               versions: int = 12, epochs: int = 8, batch: int = 64, learning_rate: float = 1e-3,
+               cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
+               weights: Path | None = None) -> Path:
+    """Cut the student from dlib's network, distil it on `versions` augmented versions of every training image, keep
+    the epoch with the best validation balanced accuracy (the untrained cut is epoch 0), and save the run."""
+    seed_everything(seed)
+    net = read_dlib_resnet(Path(weights) if weights else find_weights())
+    landmarks = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
+    big, small = aligner_for(CHIP, landmarks), aligner_for(size, landmarks)
+    spec = aligned_spec(size)
+    people, split = load_lfw(data_dir)
+    if subset_people:
+        split.train_people = split.train_people[:subset_people]
+    images = split.training_images(people)
+    items = [(key, path) for name in split.train_people for key, path in images[name].items()]
+    originals = load_faces([path for _, path in items])
+    keys = [key for key, _ in items]
+    teacher = grey_embedder(net, None)
+
+    print(f"teacher targets: {versions} versions of {len(keys):,} training images of {len(split.train_people):,} "
+          f"people, aligned at {CHIP} px (teacher) and {size} px (student)", flush=True)
+    student_chips, targets = [], []
+    for version in tqdm(range(versions), desc="versions", unit="version"):
+        crops = np.stack([augment(crop, key, version) for crop, key in zip(originals, keys)])
+        chips = chips_of(crops, big)
+        targets.append(teacher_targets(teacher, chips, cache_dir, net.sha256))
+        student_chips.append(chips_of(crops, small))
+        if version == 0:
+            chosen = np.random.default_rng(seed).choice(len(chips), min(SCORE_IMAGES, len(chips)), replace=False)
+            scores = channel_scores(teacher, chips[np.sort(chosen)][..., None].astype(np.float32) / 127.5 - 1.0)
+    x, raw = np.concatenate(student_chips), np.concatenate(targets)
+    centre = raw.mean(axis=0)
+    y = centred(raw)
+
+    model = grey_embedder(cut(net, scores, widths, size), None, chip=size, centre=centre)
+    validation = validation_set(split, people)
+    val_x = student_inputs(validation.crops, spec, small)
+    batches = ChipBatches(x, y, batch, seed)
+    warmup = min(WARMUP_STEPS, len(batches))  # the cut starts far from its targets: no full-rate steps at once
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, len(batches) * epochs - warmup),
+                                                      warmup_target=learning_rate, warmup_steps=warmup)
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                  loss=slim_distill_loss)
+    print(f"student: widths {list(widths)} at {size}x{size}, {model.count_params():,} parameters, "
+          f"{count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
+          f"up to {epochs} epochs", flush=True)
+
+    start = validate(model, validation, val_x, spec)
+    best: dict[str, Any] = {"score": start[SELECT_BY], "epoch": 0, "weights": model.get_weights(), "validation": start}
+    history: dict[str, list[float]] = {name: [float(v)] for name, v in start.items()}
+    print("epoch 0 (the cut, untrained): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
+    started = time.time()
+    for epoch in range(1, epochs + 1):
+        tty = sys.stdout.isatty()
+        logs = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if tty else 0,
+                         callbacks=[] if tty else [StepLog(len(batches))])
+        val = validate(model, validation, val_x, spec)
+        record = {**{n: v[-1] for n, v in logs.history.items()}, **val}
+        for name, value in record.items():
+            history.setdefault(name, []).append(float(value))
+        print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{n} {v:.4f}" for n, v in record.items())
+              + f" ({time.time() - started:.0f} s)", flush=True)
+        if val[SELECT_BY] > best["score"]:
+            best = {"score": val[SELECT_BY], "epoch": epoch, "weights": model.get_weights(), "validation": val}
+            out.mkdir(parents=True, exist_ok=True)
+            model.save(out / CHECKPOINT)
+    model.set_weights(best["weights"])
+    info = {
+        "task": "face", "arch": "dlib-resnet-slim", "input": "aligned-chip", "widths": list(widths),
+        "recipe": "cut from dlib's network by mean activation, then distill (1 - cos to the centred teacher "
+                  "embedding of the same pixels, aligned at 150 px for the teacher)",
+        "loss_weights": {"distill": 1.0},
+        "parameters": int(model.count_params()), "macs": count_macs(model),
+        "epochs_run": epochs, "best_epoch": best["epoch"],
+        "validation_accuracy": best["validation"].get("val_pairs_accuracy"),
+        "selected_by": f"{SELECT_BY}: {SELECTION}",
+        "validation": {**best["validation"], "images": len(validation.keys),
+                       "people": len(set(validation.labels.tolist()))},
+        "versions": versions, "batch": batch, "learning_rate": learning_rate, "seed": seed,
+        "train_samples": int(len(x)), "train_seconds": round(time.time() - started, 1),
+        "source": {"file": find_weights().name if weights is None else Path(weights).name, "sha256": net.sha256,
+                   "package": "face_recognition_models", "license": "public domain (dlib's model files)"},
+        "teacher_targets": "the ported dlib network's embedding of the 150 px chip of the same augmented pixels, "
+                           "centred on the training mean (kept in the model's `centre` layer) and re-normalised",
+        "split": split.describe(), "preprocessing": spec, "toolchain": toolchain_versions(),
+    }
+    path = save_run(out, model, history, info)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return path
