@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.face import aligned_spec
+from device.face import LANDMARKS_FILE, aligned_spec
 from device.landmarks import read_dlib_shape_predictor
 from training.common import count_macs
 from training.datasets.lfw import load_faces
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, find_model_file, find_weights, grey_embedder,
                                        read_dlib_resnet)
-from training.face.slim import WIDTHS, aligner_for, channel_scores, chips_of, cut, teacher_targets, train_slim
+from training.face.slim import (WIDTHS, aligner_for, channel_scores, chip_input, chip_teacher_targets, chips_of, cut,
+                                train_slim)
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +44,19 @@ def landmarks() -> bytes:
     return read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
 
 
-def as_input(chips: np.ndarray) -> np.ndarray:
-    return chips[..., None].astype(np.float32) / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module")
 def scores(teacher, crops, landmarks):
-    return channel_scores(teacher, as_input(chips_of(crops, aligner_for(CHIP, landmarks))))
+    return channel_scores(teacher, chip_input(chips_of(crops, aligner_for(CHIP, landmarks))))
 
 
-def test_full_width_cut_is_dlibs_network_reordered(net, teacher, crops, landmarks, scores) -> None:
-    full = cut(net, scores, tuple(width for _, width in LEVELS), CHIP)
-    x = as_input(chips_of(crops, aligner_for(CHIP, landmarks)))
-    same = grey_embedder(full, None).predict(x, verbose=0)
-    expected = teacher.predict(x, verbose=0)
+@pytest.mark.parametrize("size", [CHIP, 112])
+def test_full_width_cut_is_dlibs_network_reordered(net, crops, landmarks, scores, size) -> None:
+    """At dlib's widths the cut must be dlib's network itself, channels reordered, at 150 px and at the student's
+    112 px (where the map sizes differ and dlib's add_prev grows the down blocks' output to the pool's size)."""
+    full = cut(net, scores, tuple(width for _, width in LEVELS), size)
+    x = chip_input(chips_of(crops, aligner_for(size, landmarks)))
+    same = grey_embedder(full, None, chip=size).predict(x, verbose=0)
+    expected = grey_embedder(net, None, chip=size).predict(x, verbose=0)
     assert np.sum(same * expected, axis=1).min() > 0.99999
     # The channels really were reordered (by activation), so the identity above is not trivial.
     assert not np.array_equal(full.convs[0].kernel, net.convs[0].kernel)
@@ -66,15 +66,20 @@ def test_shipped_widths_make_a_compact_112px_student(net, scores, crops, landmar
     slim = cut(net, scores, WIDTHS, 112)
     model = grey_embedder(slim, None, chip=112, centre=np.zeros(128, np.float32))
     assert model.input_shape == (None, 112, 112, 1)
-    assert model.count_params() < 1_000_000 < read_param_count(net)
+    assert model.count_params() < 1_000_000 < teacher_param_count(net)
     assert count_macs(model) < 100_000_000
-    # Only the last down block sees 2x2 at 112 px, too small for dlib's unpadded stride-2 convolution.
-    assert [c.padding for c in slim.convs if c.stride == 2] == [0, 0, 0, 0, "same"]
-    out = model.predict(as_input(chips_of(crops, aligner_for(112, landmarks))), verbose=0)
+    # At 112 px every down block still has room for dlib's unpadded stride-2 convolution (the last one sees 3x3) ...
+    assert [c.padding for c in slim.convs if c.stride == 2] == [0, 0, 0, 0, 0]
+    assert model.get_layer("l4b0_conv1").output.shape[1:3] == (1, 1)
+    # ... and a chip so small that the last one would see 2x2 pads it instead of failing to build.
+    tiny = grey_embedder(cut(net, scores, WIDTHS, 96), None, chip=96)
+    assert [c.padding for c in cut(net, scores, WIDTHS, 96).convs if c.stride == 2][-1] == "same"
+    assert tiny.output_shape == (None, 128)
+    out = model.predict(chip_input(chips_of(crops, aligner_for(112, landmarks))), verbose=0)
     assert np.isfinite(out).all() and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
 
 
-def read_param_count(net) -> int:
+def teacher_param_count(net) -> int:
     return sum(c.kernel.size + c.bias.size for c in net.convs) + net.dense.size
 
 
@@ -86,36 +91,55 @@ def test_bad_widths_are_refused(net, scores, widths) -> None:
 
 def test_teacher_labels_are_cached_under_a_checksum_of_the_pixels(tmp_path, teacher, crops, landmarks) -> None:
     chips = chips_of(crops[:6], aligner_for(CHIP, landmarks))
-    first = teacher_targets(teacher, chips, tmp_path, "weights-sha")
-    assert len(list(tmp_path.glob("*.npz"))) == 1
-    calls = []
+    first = chip_teacher_targets(teacher, chips, tmp_path, "weights-sha")
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and not list(tmp_path.glob("*.tmp.npz"))
+    labelled = []  # chips the teacher was asked to label, per call
 
     class Counting:
-        def predict(self, *args, **kwargs):
-            calls.append(1)
-            return teacher.predict(*args, **kwargs)
+        def predict(self, x, *args, **kwargs):
+            labelled.append(len(x))
+            return teacher.predict(x, *args, **kwargs)
 
-    again = teacher_targets(Counting(), chips, tmp_path, "weights-sha")
-    assert calls == [] and np.array_equal(first, again)
+    again = chip_teacher_targets(Counting(), chips, tmp_path, "weights-sha")
+    assert labelled == [1] and np.array_equal(first, again)  # a hit: only the first chip, to check the teacher
     changed = chips.copy()
     changed[0, 70, 70] ^= 1  # one grey level of one pixel: a new key, labelled afresh
-    teacher_targets(Counting(), changed, tmp_path, "weights-sha")
-    assert calls == [1] and len(list(tmp_path.glob("*.npz"))) == 2
-    for stored in tmp_path.glob("*.npz"):  # a damaged cache file is recomputed, not trusted
-        stored.write_bytes(b"not an npz")
-    again = teacher_targets(Counting(), chips, tmp_path, "weights-sha")
-    assert calls == [1, 1] and np.allclose(first, again, atol=1e-6)
+    chip_teacher_targets(Counting(), changed, tmp_path, "weights-sha")
+    assert labelled == [1, 6] and len(list(tmp_path.glob("*.npz"))) == 2
+    chip_teacher_targets(Counting(), chips, tmp_path, "other-weights")  # other weights: a new key too
+    assert labelled == [1, 6, 6]
 
 
-def test_training_smoke_run_saves_an_aligned_chip_model(tmp_path, data_dir) -> None:
-    """A real, tiny run: 40 people, 1 version, 1 epoch. It must save a model the converter can read as an aligned
-    112 px chip model, keep the best of the untrained cut and the trained epoch, and record its split."""
+def test_a_damaged_or_foreign_cache_file_is_recomputed(tmp_path, teacher, crops, landmarks) -> None:
+    chips = chips_of(crops[:4], aligner_for(CHIP, landmarks))
+    first = chip_teacher_targets(teacher, chips, tmp_path, "weights-sha")
+    (stored,) = tmp_path.glob("*.npz")
+    good = stored.read_bytes()
+    # Labels of another teacher (a changed port, same weights file) under the right key: caught by the probe.
+    with np.load(stored) as data:
+        np.savez(stored, digest=data["digest"], targets=-data["targets"])
+    assert np.allclose(chip_teacher_targets(teacher, chips, tmp_path, "weights-sha"), first, atol=1e-6)
+    for damaged in (b"not an npz", good[: len(good) // 2], b""):
+        stored.write_bytes(damaged)
+        assert np.allclose(chip_teacher_targets(teacher, chips, tmp_path, "weights-sha"), first, atol=1e-6)
+
+
+def test_training_smoke_run_saves_a_model_the_converter_reads_as_aligned(tmp_path, data_dir) -> None:
+    """A real, tiny run: 40 people, 1 version, 1 epoch. The converter must load what it saves (inference only, with
+    the student's own layers) as a 112 px aligned-chip model, and the epoch kept must be the best one scored."""
+    from converter.face import input_spec
+    from converter.package import load_trained
+
     path = train_slim(tmp_path / "run", data_dir, size=112, versions=1, epochs=1, batch=32,
                       cache_dir=tmp_path / "cache", subset_people=40)
-    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
-    assert path.is_file() and info["input"] == "aligned-chip" and info["widths"] == list(WIDTHS)
-    assert info["preprocessing"] == aligned_spec(112)
-    assert info["best_epoch"] in (0, 1) and 0.5 < info["validation"]["val_balanced_accuracy"] <= 1.0
-    assert info["split"]["train_people"] == 40 and 8 in info["split"]["eval_folds"]
+    model, info = load_trained(path, "face", 128)
+    spec, aligner, files = input_spec(model, info)
+    assert spec["size"] == [112, 112] and spec["align"]["chip"] == 112 and aligner.size == 112
+    assert list(files) == [LANDMARKS_FILE] and info["widths"] == list(WIDTHS)
+    assert model.get_layer("centre").get_weights()[0].shape == (128,)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert len(history["val_balanced_accuracy"]) == 2  # epoch 0 (the cut) and epoch 1
+    assert history["epoch"] == [0, 1] and history["loss"][0] is None and history["loss"][1] > 0
+    scores = history["val_balanced_accuracy"]
+    assert info["best_epoch"] == int(np.argmax(scores)) and info["validation"]["val_balanced_accuracy"] == max(scores)
+    assert info["split"]["train_people"] == 40 and 8 in info["split"]["eval_folds"]
+    assert info["preprocessing"] == aligned_spec(112)

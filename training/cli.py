@@ -92,9 +92,18 @@ def _face_resnet(args: argparse.Namespace) -> int:
 def _face_slim(args: argparse.Namespace) -> int:
     from training.face.slim import train_slim
 
-    widths = tuple(int(w) for w in args.widths.split(","))
-    print(f"saved {train_slim(args.out, args.data_dir, widths, args.size, args.versions, args.epochs, args.batch, args.lr, args.teacher_cache, args.subset_people, args.seed, args.weights)}")
+    path = train_slim(args.out, args.data_dir, widths=args.widths, size=args.size, versions=args.versions,
+                      epochs=args.epochs, batch=args.batch, learning_rate=args.lr, cache_dir=args.teacher_cache,
+                      subset_people=args.subset_people, seed=args.seed, weights=args.weights)
+    print(f"saved {path}")
     return 0
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not comma-separated whole numbers, e.g. 32,48,64,80,96") from exc
 
 
 def _add_face(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +191,7 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default: %(default)s)")
     p.set_defaults(func=_face_resnet)
 
-    from training.face.slim import DEFAULT_CACHE, SIZE, WIDTHS
+    from training.face.recipes import SLIM_CACHE, SLIM_SIZE, SLIM_WIDTHS
 
     p = sub.add_parser(
         "face-slim",
@@ -190,21 +199,22 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
         description="Keep the strongest channels of every convolution of dlib's face ResNet (--widths per level; "
         "dlib's are 32,64,128,256,256), take a --size px aligned chip instead of 150, and distil the result from the "
         "full network on augmented versions of every LFW training image (the teacher labels its own 150 px chip of "
-        "the same pixels; labels cached under --teacher-cache). Early stopping and model choice on the validation "
-        "people, as `face`. No dlib needed. Writes model.keras, history.json and train_info.json to --out.",
+        "the same pixels; labels cached under --teacher-cache). Every epoch is scored on the validation people as in "
+        "`face` and the best one is kept (the untrained cut competes as epoch 0). No dlib needed. Writes model.keras, history.json and train_info.json to --out.",
     )
-    p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
-                   help="residual-stream width per level, non-decreasing (default: %(default)s, ~0.93 M parameters)")
-    p.add_argument("--size", type=int, default=SIZE, help="aligned chip side in pixels (default: %(default)s)")
-    p.add_argument("--versions", type=int, default=12,
+    p.add_argument("--widths", type=_widths, default=SLIM_WIDTHS,
+                   help="residual-stream width per level, non-decreasing (default: 32,48,64,80,96: 0.93 M parameters)")
+    p.add_argument("--size", type=positive_int, default=SLIM_SIZE,
+                   help="aligned chip side in pixels (default: %(default)s)")
+    p.add_argument("--versions", type=positive_int, default=24,
                    help="augmented versions per training image, each labelled by the teacher (~25 s per version "
                         "on 2 cores; default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs over all versions (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=4, help="epochs over all versions (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate after a short warm-up, cosine decay (default: %(default)s)")
     p.add_argument("--subset-people", type=int, default=None, help="train on the first N identities only (smoke runs)")
-    p.add_argument("--teacher-cache", type=Path, default=DEFAULT_CACHE,
+    p.add_argument("--teacher-cache", type=Path, default=SLIM_CACHE,
                    help="teacher label cache folder (default: %(default)s)")
     p.add_argument("--weights", type=Path, default=None,
                    help="dlib's network .dat (default: the one in the installed face_recognition_models package)")

@@ -110,7 +110,7 @@ def read_dlib_resnet(path: Path) -> DlibResnet:
 
 def _conv(x: Any, conv: Conv, name: str) -> Any:
     """dlib's con: zero padding `padding` on every side. Its only paddings here are 0 and, for 3x3 at stride 1, 1,
-    which is Keras' "same" (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
+    which is Keras' "same" (a student cut from it for a small chip may also ask for "same" at stride 2, slim.py) (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
     oneDNN fusion of pad + convolution crashed graph-mode predict in about one process in three)."""
     kernel = conv.kernel.shape[0]
     if conv.padding == "same":
@@ -144,7 +144,8 @@ def _add_prev(a: Any, b: Any, name: str) -> Any:
 
 
 def resnet_body(x: Any, net: DlibResnet) -> Any:
-    """dlib's network from its normalised 150x150 RGB input ((pixel - channel mean) / 256) to the 128-D output."""
+    """dlib's network from its normalised RGB input ((pixel - channel mean) / 256; dlib's chip is 150x150, a student
+    cut from it may take less) to the 128-D output."""
     convs = iter(net.convs)
     x = layers.ReLU(name="stem_relu")(_conv(x, next(convs), "stem"))
     x = layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_pool")(x)
@@ -191,7 +192,8 @@ def grey_embedder(net: DlibResnet, framing: Framing | None, crop: int = 128, chi
     framing=None: the input is already an aligned `chip` x `chip` chip (device.face.Aligner makes it; dlib's network
     takes 150, a student cut from it may take less). Otherwise the input is a `crop`-sized crop and the chip is one
     fixed square of it, cut and resized inside the model (two int8 ops). Either way the grey level becomes dlib's
-    three normalised channels by a fixed 1x1 convolution: ((x + 1) * 127.5 - mean_c) / 256. With `centre` (a
+    three normalised channels by a 1x1 convolution set to ((x + 1) * 127.5 - mean_c) / 256 (a student trains it
+    along with the rest; the ported network is never trained). With `centre` (a
     student's: the teacher's mean embedding on the training chips) the unit output is moved off that mean and
     normalised again, which is the centred target the student learns (train.centred says why).
     """

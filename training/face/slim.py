@@ -6,8 +6,8 @@ dlib learnt from ~3 M faces instead of relearning it from 7.7k:
 - every convolution keeps the output channels that fire most on our training chips (`channel_scores`); a level's
   residual stream keeps the previous level's channels first, in the same order, so dlib's zero-extending shortcut
   still adds each channel to itself (`cut`);
-- the input shrinks to a 112 px chip (same alignment, fewer pixels); the last down block then sees 2x2 and pads,
-  where dlib's unpadded stride-2 convolution would have nothing left to slide over;
+- the input shrinks to a 112 px chip (same alignment, fewer pixels): the levels' maps shrink from dlib's
+  35/17/8/3 to 26/13/6/3 pixels a side, and the last down block still ends at 1x1;
 - distillation then recovers what the cut lost, on aligned chips ("function matching"): every augmented version of
   every training image is labelled by the ported teacher on its own 150 px chip of the very same pixels, and the
   student learns the centred teacher direction (1 - cosine, as train.distill_loss).
@@ -20,6 +20,7 @@ Reads top to bottom: channel scores → the cut → teacher targets (cached) →
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,20 +30,19 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from device.face import LANDMARKS_FILE, Aligner, aligned_spec
+from device.face import FACE_SPEC, LANDMARKS_FILE, Aligner, aligned_spec
 from device.landmarks import read_dlib_shape_predictor
+from device.preprocess import normalize
 from training.common import StepLog, count_macs, save_run, seed_everything, toolchain_versions
 from training.datasets.lfw import load_faces
 from training.face.data import augment, student_inputs, validation_set
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, Conv, DlibResnet, find_model_file, find_weights,
                                        grey_embedder, read_dlib_resnet)
+from training.face.recipes import SLIM_CACHE, SLIM_SIZE, SLIM_WIDTHS
 from training.face.train import CHECKPOINT, SELECT_BY, SELECTION, centred, distill_loss, load_lfw, validate
+from training.teacher import EMBEDDING_SIZE
 
-# Residual-stream width per level (dlib: 32, 64, 128, 256, 256); each block's inner width is its level's.
-# 0.93 M parameters and ~80 M MACs at 112 px, against dlib's 5.6 M and 0.27 G at 150 px.
-WIDTHS = (32, 48, 64, 80, 96)
-SIZE = 112
-DEFAULT_CACHE = Path("build/face-slim/teacher")
+WIDTHS, SIZE = SLIM_WIDTHS, SLIM_SIZE
 SCORE_IMAGES = 512  # training chips whose mean activations rank the channels
 WARMUP_STEPS = 300
 
@@ -63,8 +63,11 @@ def channel_scores(teacher: keras.Model, chips: np.ndarray) -> dict[str, np.ndar
     return {n: s / len(chips) for n, s in sums.items()}
 
 
-def _spatial_after_down(side: int) -> int:
-    return (side - 3) // 2 + 1  # dlib's 3x3 stride-2 convolution without padding
+def _after_down(side: int) -> tuple[int, int]:
+    """A down block's map side (what dlib's add_prev grows to: the larger of the unpadded 3x3 stride-2 convolution
+    and the 2x2 average-pool shortcut), and the convolution's own output side (< 1: nothing to slide over)."""
+    conv = (side - 3) // 2 + 1
+    return max(conv, side // 2), conv
 
 
 def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] = WIDTHS,
@@ -75,7 +78,7 @@ def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] 
     mean activation over the level's block outputs; level n keeps level n-1's channels first and in order (they are
     the channels the down block's zero-extended shortcut lands on), then its own strongest others. Inner channels of
     a block (after its first ReLU) are ranked on their own. A down block whose input is too small for an unpadded
-    3x3 stride-2 convolution pads ("same") instead.
+    3x3 stride-2 convolution (a chip under ~100 px) pads ("same") instead; at 112 px none does.
     """
     if len(widths) != len(LEVELS) or any(b < a for a, b in zip(widths, widths[1:])):
         raise ValueError(f"widths {widths} must be {len(LEVELS)} non-decreasing numbers, one per level")
@@ -84,14 +87,15 @@ def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] 
             raise ValueError(f"width {width} must be between 1 and dlib's {teacher_width}")
     convs = iter(net.convs)
     stem = next(convs)
-    side = _spatial_after_down((size - 7) // 2 + 1)  # stem 7x7/2, then max pool 3x3/2
+    side = ((size - 7) // 2 + 1 - 3) // 2 + 1  # stem 7x7/2, then max pool 3x3/2
     kept: list[Conv] = []
     previous = np.zeros(0, dtype=int)
     for level, ((blocks, _), width) in enumerate(zip(LEVELS, widths)):
         stream = np.mean([scores[f"l{level}b{b}_relu"] for b in range(blocks)], axis=0)
         if level == 0:
             stream = stream + scores["stem_pool"]
-        others = [c for c in np.argsort(-stream, kind="stable") if c not in set(previous.tolist())]
+        taken = set(previous.tolist())
+        others = [c for c in np.argsort(-stream, kind="stable") if c not in taken]
         channels = np.concatenate([previous, np.array(others[: width - len(previous)], dtype=int)])
         if level == 0:
             kept.append(Conv(stem.kernel[..., channels], stem.bias[channels], stem.stride, stem.padding))
@@ -101,8 +105,9 @@ def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] 
             inputs = previous if block == 0 and level > 0 else channels
             padding = first.padding
             if first.stride == 2:
-                padding = first.padding if _spatial_after_down(side) >= 1 else "same"
-                side = _spatial_after_down(side) if padding != "same" else -(-side // 2)
+                side, conv = _after_down(side)
+                if conv < 1:  # a 1 or 2 px input: padded, the convolution gives 1x1 (the pool at most that)
+                    padding, side = "same", 1
             kept.append(Conv(first.kernel[:, :, inputs][..., inner], first.bias[inner], first.stride, padding))
             kept.append(Conv(second.kernel[:, :, inner][..., channels], second.bias[channels], second.stride,
                              second.padding))
@@ -119,27 +124,36 @@ def chips_of(crops: np.ndarray, aligner: Aligner) -> np.ndarray:
     return np.stack([aligner.chip(c) for c in crops])
 
 
-def teacher_targets(teacher: keras.Model, chips: np.ndarray, cache_dir: Path, weights_sha: str) -> np.ndarray:
+def chip_input(chips: np.ndarray) -> np.ndarray:
+    """uint8 chips → model input, by the device's own arithmetic (device.preprocess.normalize)."""
+    return normalize(chips, FACE_SPEC)
+
+
+def chip_teacher_targets(teacher: keras.Model, chips: np.ndarray, cache_dir: Path, weights_sha: str) -> np.ndarray:
     """The teacher's embeddings of these 150 px chips, cached under a checksum of the weights and the chip bytes.
 
-    The key covers every pixel the teacher saw, so a change to alignment, augmentation or the data can never return
-    stale targets; a damaged cache file is recomputed.
+    The key covers every pixel the teacher saw (and their shape), so changed alignment, augmentation or data miss the
+    cache. A hit is also checked against the teacher itself on the first chip, which catches a changed port or
+    normalisation that the weights' checksum cannot see; a damaged or mismatching file is recomputed.
     """
-    digest = hashlib.sha256(weights_sha.encode() + chips.tobytes()).hexdigest()
+    digest = hashlib.sha256(f"{weights_sha}/{chips.shape}/{chips.dtype}/".encode() + chips.tobytes()).hexdigest()
     path = cache_dir / f"{digest[:24]}.npz"
     if path.is_file():
         try:
             with np.load(path) as stored:
-                if str(stored["digest"]) == digest and stored["targets"].shape == (len(chips), 128):
-                    return stored["targets"]
-        except (OSError, ValueError, KeyError):
+                targets = stored["targets"]
+                if str(stored["digest"]) == digest and targets.shape == (len(chips), EMBEDDING_SIZE):
+                    probe = teacher.predict(chip_input(chips[:1]), verbose=0)[0]
+                    if float(probe @ targets[0]) > 0.9999:
+                        return targets
+        except Exception:  # noqa: BLE001 - any unreadable cache file (bad zip, truncated, wrong keys) is recomputed
             pass
-    targets = teacher.predict(chips[..., None].astype(np.float32) / 127.5 - 1.0, batch_size=64, verbose=0)
+    targets = teacher.predict(chip_input(chips), batch_size=64, verbose=0).astype(np.float32)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npz")
-    np.savez(partial, digest=digest, targets=targets.astype(np.float32))
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # runs sharing the cache never share a temp file
+    np.savez(partial, digest=digest, targets=targets)
     partial.replace(path)
-    return targets.astype(np.float32)
+    return targets
 
 
 @keras.saving.register_keras_serializable(package="edge_face")
@@ -162,15 +176,15 @@ class ChipBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.sort(self.order[index * self.batch:(index + 1) * self.batch])
-        return self.chips[idx][..., None].astype(np.float32) / 127.5 - 1.0, self.targets[idx]
+        return chip_input(self.chips[idx]), self.targets[idx]
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.chips))
 
 
 def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int, ...] = WIDTHS, size: int = SIZE,
-               versions: int = 12, epochs: int = 8, batch: int = 64, learning_rate: float = 1e-3,
-               cache_dir: Path = DEFAULT_CACHE, subset_people: int | None = None, seed: int = 1,
+               versions: int = 24, epochs: int = 4, batch: int = 64, learning_rate: float = 1e-3,
+               cache_dir: Path = SLIM_CACHE, subset_people: int | None = None, seed: int = 1,
                weights: Path | None = None) -> Path:
     """Cut the student from dlib's network, distil it on `versions` augmented versions of every training image, keep
     the epoch with the best validation balanced accuracy (the untrained cut is epoch 0), and save the run."""
@@ -194,11 +208,11 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     for version in tqdm(range(versions), desc="versions", unit="version"):
         crops = np.stack([augment(crop, key, version) for crop, key in zip(originals, keys)])
         chips = chips_of(crops, big)
-        targets.append(teacher_targets(teacher, chips, cache_dir, net.sha256))
+        targets.append(chip_teacher_targets(teacher, chips, cache_dir, net.sha256))
         student_chips.append(chips_of(crops, small))
         if version == 0:
             chosen = np.random.default_rng(seed).choice(len(chips), min(SCORE_IMAGES, len(chips)), replace=False)
-            scores = channel_scores(teacher, chips[np.sort(chosen)][..., None].astype(np.float32) / 127.5 - 1.0)
+            scores = channel_scores(teacher, chip_input(chips[np.sort(chosen)]))
     x, raw = np.concatenate(student_chips), np.concatenate(targets)
     centre = raw.mean(axis=0)
     y = centred(raw)
@@ -218,7 +232,8 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
 
     start = validate(model, validation, val_x, spec)
     best: dict[str, Any] = {"score": start[SELECT_BY], "epoch": 0, "weights": model.get_weights(), "validation": start}
-    history: dict[str, list[float]] = {name: [float(v)] for name, v in start.items()}
+    # Index i of every list is epoch i; epoch 0 (the cut) has no training loss.
+    history: dict[str, list[float | None]] = {"epoch": [0], "loss": [None], **{n: [float(v)] for n, v in start.items()}}
     print("epoch 0 (the cut, untrained): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
     started = time.time()
     for epoch in range(1, epochs + 1):
@@ -226,10 +241,10 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
         logs = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if tty else 0,
                          callbacks=[] if tty else [StepLog(len(batches))])
         val = validate(model, validation, val_x, spec)
-        record = {**{n: v[-1] for n, v in logs.history.items()}, **val}
+        record = {"epoch": epoch, **{n: v[-1] for n, v in logs.history.items()}, **val}
         for name, value in record.items():
             history.setdefault(name, []).append(float(value))
-        print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{n} {v:.4f}" for n, v in record.items())
+        print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{n} {v:.4f}" for n, v in record.items() if n != "epoch")
               + f" ({time.time() - started:.0f} s)", flush=True)
         if val[SELECT_BY] > best["score"]:
             best = {"score": val[SELECT_BY], "epoch": epoch, "weights": model.get_weights(), "validation": val}
