@@ -1,5 +1,6 @@
-"""The shipped face bundles through the device API, on the real LFW evaluation pairs: models/face (the distilled
-student) and models/face-resnet (dlib's network, ported), each module test once per bundle.
+"""The shipped face bundles through the device API, on the real LFW evaluation pairs: models/face (the student cut
+out of dlib's network and distilled from it) and models/face-resnet (dlib's network, ported), each module test once
+per bundle.
 
 int8 must stay within the bundle's own gate of float, and the thresholds in the manifest must be the ones
 calibrated on the int8 model's embeddings (recomputed here from scratch through `FaceEmbedder`).
@@ -22,9 +23,9 @@ from training.face.data import pair_images
 from training.teacher import teacher_available
 
 
-# A floor under each shipped model's int8 accuracy (95.0% and 98.5%): a broken rebuild passes the relative gate,
+# A floor under each shipped model's int8 accuracy (~97% and 98.5%): a broken rebuild passes the relative gate,
 # not this.
-FLOORS = {"face": 0.94, "face-resnet": 0.975}
+FLOORS = {"face": 0.96, "face-resnet": 0.975}
 
 
 @pytest.fixture(scope="module", params=sorted(FLOORS))
@@ -206,15 +207,16 @@ def test_teacher_separates_a_real_pair(eval_set):
 
 
 def test_flip_averaged_embedding_is_mirror_invariant(bundle, eval_set, embeddings):
-    """Both bundles average a face's and its mirror image's outputs, so a mirrored crop gives the same embedding:
-    exactly when the model sees the resized crop, nearly when it sees an aligned chip (the landmarks of the
-    mirrored crop, searched in the same box, are not exactly the mirrored landmarks)."""
+    """Face bundles average a face's and its mirror image's outputs, so a mirrored crop gives the same embedding:
+    exactly when the model sees the resized crop, nearly when it sees an aligned chip, as both shipped bundles do
+    (the landmarks of the mirrored crop, searched in the same box, are not exactly the mirrored landmarks: cosine
+    down to 0.984 for the 112 px student, 0.994 for face-resnet)."""
     _, _, crops = eval_set
     embedder, _ = embeddings["int8"]
     assert bundle.preprocessing.get("flip_average") is True
     for crop in crops[:5]:
         mirrored, plain = embedder.embed(np.ascontiguousarray(crop[:, ::-1])), embedder.embed(crop)
-        if "align" in bundle.preprocessing:
-            assert float(mirrored @ plain) > 0.99
+        if "align" in bundle.preprocessing:  # the same person by a wide margin even at the strictest threshold
+            assert float(np.linalg.norm(mirrored - plain)) < 0.5 * embedder.threshold("far_0.001pct")
         else:
             np.testing.assert_allclose(mirrored, plain, atol=1e-6)
