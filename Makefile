@@ -40,8 +40,9 @@ quantize-meter: env
 	$(PY) -m converter meter --data-dir $(DATA_DIR) --model $(BUILD)/meter/model.keras --out models/meter-digits
 
 # The compact face student (models/face): dlib's face ResNet cut to 0.93 M parameters at a 112 px aligned chip (the
-# strongest channels of every convolution), then distilled from the full network on 12 augmented versions of every
-# training image (~45 min on 2 cores: teacher labels ~5 min, cached in build/face-slim/teacher; 8 epochs ~5 min each).
+# strongest channels of every convolution), then distilled from the full network on 24 augmented versions of every
+# training image (~1 h on 2 cores: teacher labels ~17 min the first time, cached in build/face-slim/teacher; 4 epochs
+# of ~9.5 min).
 # No dlib needed to train; dlib (host extra `teacher`, compiles from source ~10-15 min once) only gives the report
 # its column of dlib's own numbers on the same pairs.
 $(VENV)/.teacher: $(VENV)/.installed

@@ -129,10 +129,19 @@ class Aligner:
         return cls(ShapePredictor.load(io.BytesIO(data)), hashlib.sha256(data).hexdigest(), int(align["crop"]),
                    (box[0], box[1], box[2], box[3]), int(align["chip"]), float(align["padding"]))
 
-    def chip(self, gray: np.ndarray) -> np.ndarray:
-        """A grey face crop (any size; brought to `crop` px first) → the size x size aligned grey chip."""
+    def landmarks(self, gray: np.ndarray) -> np.ndarray:
+        """dlib's 5 landmarks of a grey face crop (any size; brought to `crop` px first), in `crop` px."""
+        return self.predictor.predict(resize_gray(gray, self.crop), self.box)
+
+    def chip(self, gray: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """A grey face crop (any size; brought to `crop` px first) → the size x size aligned grey chip.
+
+        `landmarks` (this crop's, from `landmarks()` of an aligner with the same landmark model and box) saves finding
+        them again when one face is cut at two chip sizes (training cuts the teacher's and the student's).
+        """
         gray = resize_gray(gray, self.crop)
-        matrix = chip_transform(self.predictor.predict(gray, self.box), self.size, self.padding)
+        points = self.landmarks(gray) if landmarks is None else landmarks
+        matrix = chip_transform(points, self.size, self.padding)
         return cv2.warpAffine(gray, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 

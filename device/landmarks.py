@@ -4,7 +4,8 @@ dlib aligns every face before its face ResNet sees it: its 5-point shape predict
 (`shape_predictor_5_face_landmarks.dat`, public domain; an ensemble of regression trees after Kazemi & Sullivan
 2014) finds the eye corners and the base of the nose, and `get_face_chip_details` turns them into a similarity
 transform to a 150x150 chip. That network, ported to LiteRT (models/face-resnet), and the student cut from it
-(models/face, a 112x112 chip) need exactly that alignment on the device, where dlib is not installed (it compiles from source for an hour on a Pi). This module reproduces
+(models/face, a 112x112 chip) need exactly that alignment on the device, where dlib is not installed (it compiles
+from source for an hour on a Pi). This module reproduces
 both from dlib 20's source, bit for bit where it matters:
 
 * the model is the same numbers: `read_dlib_shape_predictor` parses dlib's serialisation (host side, once),

@@ -19,8 +19,8 @@ from training.common import count_macs
 from training.datasets.lfw import load_faces
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, find_model_file, find_weights, grey_embedder,
                                        read_dlib_resnet)
-from training.face.slim import (WIDTHS, aligner_for, channel_scores, chip_input, chip_teacher_targets, chips_of, cut,
-                                train_slim)
+from training.face.recipes import SLIM_WIDTHS as WIDTHS
+from training.face.slim import aligner_for, channel_scores, chip_input, chip_teacher_targets, chips_of, cut, train_slim
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def landmarks() -> bytes:
 
 @pytest.fixture(scope="module")
 def scores(teacher, crops, landmarks):
-    return channel_scores(teacher, chip_input(chips_of(crops, aligner_for(CHIP, landmarks))))
+    return channel_scores(teacher, chip_input(chips_of(crops, (aligner_for(CHIP, landmarks),))[0]))
 
 
 @pytest.mark.parametrize("size", [CHIP, 112])
@@ -54,7 +54,7 @@ def test_full_width_cut_is_dlibs_network_reordered(net, crops, landmarks, scores
     """At dlib's widths the cut must be dlib's network itself, channels reordered, at 150 px and at the student's
     112 px (where the map sizes differ and dlib's add_prev grows the down blocks' output to the pool's size)."""
     full = cut(net, scores, tuple(width for _, width in LEVELS), size)
-    x = chip_input(chips_of(crops, aligner_for(size, landmarks)))
+    x = chip_input(chips_of(crops, (aligner_for(size, landmarks),))[0])
     same = grey_embedder(full, None, chip=size).predict(x, verbose=0)
     expected = grey_embedder(net, None, chip=size).predict(x, verbose=0)
     assert np.sum(same * expected, axis=1).min() > 0.99999
@@ -75,7 +75,7 @@ def test_shipped_widths_make_a_compact_112px_student(net, scores, crops, landmar
     tiny = grey_embedder(cut(net, scores, WIDTHS, 96), None, chip=96)
     assert [c.padding for c in cut(net, scores, WIDTHS, 96).convs if c.stride == 2][-1] == "same"
     assert tiny.output_shape == (None, 128)
-    out = model.predict(chip_input(chips_of(crops, aligner_for(112, landmarks))), verbose=0)
+    out = model.predict(chip_input(chips_of(crops, (aligner_for(112, landmarks),))[0]), verbose=0)
     assert np.isfinite(out).all() and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
 
 
@@ -89,8 +89,16 @@ def test_bad_widths_are_refused(net, scores, widths) -> None:
         cut(net, scores, widths, 112)
 
 
+def test_two_chip_sizes_from_one_landmark_search_are_the_aligners_own_chips(crops, landmarks) -> None:
+    big, small = aligner_for(CHIP, landmarks), aligner_for(112, landmarks)
+    chips, small_chips = chips_of(crops[:4], (big, small))
+    assert chips.shape == (4, CHIP, CHIP) and small_chips.shape == (4, 112, 112)
+    assert np.array_equal(chips, np.stack([big.chip(c) for c in crops[:4]]))
+    assert np.array_equal(small_chips, np.stack([small.chip(c) for c in crops[:4]]))
+
+
 def test_teacher_labels_are_cached_under_a_checksum_of_the_pixels(tmp_path, teacher, crops, landmarks) -> None:
-    chips = chips_of(crops[:6], aligner_for(CHIP, landmarks))
+    chips = chips_of(crops[:6], (aligner_for(CHIP, landmarks),))[0]
     first = chip_teacher_targets(teacher, chips, tmp_path, "weights-sha")
     assert len(list(tmp_path.glob("*.npz"))) == 1 and not list(tmp_path.glob("*.tmp.npz"))
     labelled = []  # chips the teacher was asked to label, per call
@@ -111,7 +119,7 @@ def test_teacher_labels_are_cached_under_a_checksum_of_the_pixels(tmp_path, teac
 
 
 def test_a_damaged_or_foreign_cache_file_is_recomputed(tmp_path, teacher, crops, landmarks) -> None:
-    chips = chips_of(crops[:4], aligner_for(CHIP, landmarks))
+    chips = chips_of(crops[:4], (aligner_for(CHIP, landmarks),))[0]
     first = chip_teacher_targets(teacher, chips, tmp_path, "weights-sha")
     (stored,) = tmp_path.glob("*.npz")
     good = stored.read_bytes()

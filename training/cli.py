@@ -106,6 +106,14 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not comma-separated whole numbers, e.g. 32,48,64,80,96") from exc
 
 
+def _add_run_args(p: argparse.ArgumentParser, out: Path) -> None:
+    """--seed, --data-dir and --out, as every face training command takes them."""
+    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
+    p.add_argument("--out", type=Path, default=out, help="output folder (default: %(default)s)")
+
+
 def _add_face(sub: argparse._SubParsersAction) -> None:
     from training.face.recipes import RECIPES
 
@@ -149,10 +157,7 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="edge net width (default: 64, ~0.52M parameters)")
     p.add_argument("--input-size", type=int, default=None,
                    help="model input in pixels per side (default: 96; the bundle records it for the device)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
-    p.add_argument("--out", type=Path, default=Path("build/face/model"), help="output folder (default: %(default)s)")
+    _add_run_args(p, Path("build/face/model"))
     p.set_defaults(func=_face)
 
     p = sub.add_parser(
@@ -200,15 +205,16 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
         "dlib's are 32,64,128,256,256), take a --size px aligned chip instead of 150, and distil the result from the "
         "full network on augmented versions of every LFW training image (the teacher labels its own 150 px chip of "
         "the same pixels; labels cached under --teacher-cache). Every epoch is scored on the validation people as in "
-        "`face` and the best one is kept (the untrained cut competes as epoch 0). No dlib needed. Writes model.keras, history.json and train_info.json to --out.",
+        "`face` and the best one is kept (the untrained cut competes as epoch 0). No dlib needed. Writes "
+        "model.keras, history.json and train_info.json to --out.",
     )
     p.add_argument("--widths", type=_widths, default=SLIM_WIDTHS,
                    help="residual-stream width per level, non-decreasing (default: 32,48,64,80,96: 0.93 M parameters)")
     p.add_argument("--size", type=positive_int, default=SLIM_SIZE,
                    help="aligned chip side in pixels (default: %(default)s)")
     p.add_argument("--versions", type=positive_int, default=24,
-                   help="augmented versions per training image, each labelled by the teacher (~25 s per version "
-                        "on 2 cores; default: %(default)s)")
+                   help="augmented versions per training image, each aligned twice and labelled by the teacher (~40 s "
+                        "per version on 2 cores the first time; default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=4, help="epochs over all versions (default: %(default)s)")
     p.add_argument("--batch", type=positive_int, default=64, help="batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3,
@@ -218,10 +224,7 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="teacher label cache folder (default: %(default)s)")
     p.add_argument("--weights", type=Path, default=None,
                    help="dlib's network .dat (default: the one in the installed face_recognition_models package)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"data directory holding faces/ (default: ${DATA_ENV}, else ../shared/data beside the project)")
-    p.add_argument("--out", type=Path, default=Path("build/face-slim/model"), help="output folder (default: %(default)s)")
+    _add_run_args(p, Path("build/face-slim/model"))
     p.set_defaults(func=_face_slim)
 
 

@@ -110,8 +110,9 @@ def read_dlib_resnet(path: Path) -> DlibResnet:
 
 def _conv(x: Any, conv: Conv, name: str) -> Any:
     """dlib's con: zero padding `padding` on every side. Its only paddings here are 0 and, for 3x3 at stride 1, 1,
-    which is Keras' "same" (a student cut from it for a small chip may also ask for "same" at stride 2, slim.py) (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
-    oneDNN fusion of pad + convolution crashed graph-mode predict in about one process in three)."""
+    which is Keras' "same" (a separate ZeroPadding2D before the convolution would be equivalent, but TensorFlow's
+    oneDNN fusion of pad + convolution crashed graph-mode predict in about one process in three). A student cut
+    from it for a small chip may also ask for "same" at stride 2 (slim.py)."""
     kernel = conv.kernel.shape[0]
     if conv.padding == "same":
         padding = "same"

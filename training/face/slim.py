@@ -42,7 +42,6 @@ from training.face.recipes import SLIM_CACHE, SLIM_SIZE, SLIM_WIDTHS
 from training.face.train import CHECKPOINT, SELECT_BY, SELECTION, centred, distill_loss, load_lfw, validate
 from training.teacher import EMBEDDING_SIZE
 
-WIDTHS, SIZE = SLIM_WIDTHS, SLIM_SIZE
 SCORE_IMAGES = 512  # training chips whose mean activations rank the channels
 WARMUP_STEPS = 300
 
@@ -70,8 +69,8 @@ def _after_down(side: int) -> tuple[int, int]:
     return max(conv, side // 2), conv
 
 
-def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] = WIDTHS,
-        size: int = SIZE) -> DlibResnet:
+def cut(net: DlibResnet, scores: dict[str, np.ndarray], widths: tuple[int, ...] = SLIM_WIDTHS,
+        size: int = SLIM_SIZE) -> DlibResnet:
     """dlib's network with only the `widths` strongest channels per level, for a `size` px chip.
 
     Stream channels of level n (the stem's output for level 0, every block's output after it) are ranked by their
@@ -119,9 +118,14 @@ def aligner_for(size: int, landmarks: bytes) -> Aligner:
     return Aligner.from_spec(aligned_spec(size), {LANDMARKS_FILE: landmarks}.__getitem__)
 
 
-def chips_of(crops: np.ndarray, aligner: Aligner) -> np.ndarray:
-    """Aligned grey chips (uint8) of 128x128 crops."""
-    return np.stack([aligner.chip(c) for c in crops])
+def chips_of(crops: np.ndarray, aligners: tuple[Aligner, ...]) -> list[np.ndarray]:
+    """Aligned grey chips (uint8) of 128x128 crops, one stack per aligner (same landmark model and box, other chip
+    sizes); each crop's landmarks are found once, by the first."""
+    cut_crops = []
+    for crop in crops:
+        points = aligners[0].landmarks(crop)
+        cut_crops.append([aligner.chip(crop, points) for aligner in aligners])
+    return [np.stack(chips) for chips in zip(*cut_crops)]
 
 
 def chip_input(chips: np.ndarray) -> np.ndarray:
@@ -182,7 +186,8 @@ class ChipBatches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.chips))
 
 
-def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int, ...] = WIDTHS, size: int = SIZE,
+def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int, ...] = SLIM_WIDTHS,
+               size: int = SLIM_SIZE,
                versions: int = 24, epochs: int = 4, batch: int = 64, learning_rate: float = 1e-3,
                cache_dir: Path = SLIM_CACHE, subset_people: int | None = None, seed: int = 1,
                weights: Path | None = None) -> Path:
@@ -207,9 +212,9 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     student_chips, targets = [], []
     for version in tqdm(range(versions), desc="versions", unit="version"):
         crops = np.stack([augment(crop, key, version) for crop, key in zip(originals, keys)])
-        chips = chips_of(crops, big)
+        chips, small_chips = chips_of(crops, (big, small))
         targets.append(chip_teacher_targets(teacher, chips, cache_dir, net.sha256))
-        student_chips.append(chips_of(crops, small))
+        student_chips.append(small_chips)
         if version == 0:
             chosen = np.random.default_rng(seed).choice(len(chips), min(SCORE_IMAGES, len(chips)), replace=False)
             scores = channel_scores(teacher, chip_input(chips[np.sort(chosen)]))
