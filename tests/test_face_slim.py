@@ -20,7 +20,8 @@ from training.datasets.lfw import load_faces
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, find_model_file, find_weights, grey_embedder,
                                        read_dlib_resnet)
 from training.face.recipes import SLIM_WIDTHS as WIDTHS
-from training.face.slim import aligner_for, channel_scores, chip_input, chip_teacher_targets, chips_of, cut, train_slim
+from training.face.slim import (aligner_for, blend, channel_scores, chip_input, chip_teacher_targets, chips_of, cut,
+                                train_slim)
 
 
 @pytest.fixture(scope="module")
@@ -132,22 +133,67 @@ def test_a_damaged_or_foreign_cache_file_is_recomputed(tmp_path, teacher, crops,
         assert np.allclose(chip_teacher_targets(teacher, chips, tmp_path, "weights-sha"), first, atol=1e-6)
 
 
-def test_training_smoke_run_saves_a_model_the_converter_reads_as_aligned(tmp_path, data_dir) -> None:
-    """A real, tiny run: 40 people, 1 version, 1 epoch. The converter must load what it saves (inference only, with
-    the student's own layers) as a 112 px aligned-chip model, and the epoch kept must be the best one scored."""
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir) -> Path:
+    """A real, tiny run: 40 people, 1 version, 1 epoch."""
+    root = tmp_path_factory.mktemp("slim")
+    return train_slim(root / "run", data_dir, size=112, versions=1, epochs=1, batch=32, cache_dir=root / "cache",
+                      subset_people=40)
+
+
+def test_training_smoke_run_saves_a_model_the_converter_reads_as_aligned(smoke_run, tmp_path) -> None:
+    """The converter must load what a run saves (inference only, with the student's own layers) as a 112 px
+    aligned-chip model, and the epoch kept must be the best one scored."""
     from converter.face import input_spec
     from converter.package import load_trained
 
-    path = train_slim(tmp_path / "run", data_dir, size=112, versions=1, epochs=1, batch=32,
-                      cache_dir=tmp_path / "cache", subset_people=40)
+    path = smoke_run
     model, info = load_trained(path, "face", 128)
     spec, aligner, files = input_spec(model, info)
     assert spec["size"] == [112, 112] and spec["align"]["chip"] == 112 and aligner.size == 112
     assert list(files) == [LANDMARKS_FILE] and info["widths"] == list(WIDTHS)
     assert model.get_layer("centre").get_weights()[0].shape == (128,)
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    history = json.loads((path.parent / "history.json").read_text())
     assert history["epoch"] == [0, 1] and history["loss"][0] is None and history["loss"][1] > 0
     scores = history["val_balanced_accuracy"]
     assert info["best_epoch"] == int(np.argmax(scores)) and info["validation"]["val_balanced_accuracy"] == max(scores)
     assert info["split"]["train_people"] == 40 and 8 in info["split"]["eval_folds"]
     assert info["preprocessing"] == aligned_spec(112)
+
+
+def test_a_run_continues_a_finished_model_on_fresh_blended_versions(smoke_run, data_dir, tmp_path) -> None:
+    """--init/--first-version/--mixup: the continued run starts from the finished model itself (its score is epoch 0,
+    its centre is kept, so targets stay in the direction it learnt) and records where it came from."""
+    import keras
+
+    first = json.loads(smoke_run.with_name("train_info.json").read_text())
+    path = train_slim(tmp_path / "more", data_dir, versions=1, epochs=1, batch=32, cache_dir=tmp_path / "cache",
+                      subset_people=40, init=smoke_run, first_version=1, mixup=0.5)
+    info = json.loads(path.with_name("train_info.json").read_text())
+    history = json.loads(path.with_name("history.json").read_text())
+    assert history["val_balanced_accuracy"][0] == pytest.approx(first["validation"]["val_balanced_accuracy"])
+    assert info["widths"] == list(WIDTHS) and info["first_version"] == 1 and info["mixup"] == 0.5
+    assert info["continued_from"]["model"] == str(smoke_run) and info["continued_from"]["versions"] == 1
+    before, after = (keras.models.load_model(p, compile=False).get_layer("centre").get_weights()[0]
+                     for p in (smoke_run, path))
+    np.testing.assert_array_equal(before, after)
+    with pytest.raises(ValueError, match="mixup"):
+        train_slim(tmp_path / "bad", data_dir, mixup=1.5)
+
+
+def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() -> None:
+    """Chip i is filled with the value 10 i at both sizes, so a blended chip's value names its partner and weight:
+    the teacher's and the student's picture must get the same ones, and the own face must keep at least half."""
+    values = np.arange(20, dtype=np.uint8) * 10
+    big = np.broadcast_to(values[:, None, None], (20, 6, 6)).copy()
+    small = np.broadcast_to(values[:, None, None], (20, 4, 4)).copy()
+    for share, seed in ((0.0, 1), (1.0, 1), (0.5, 7)):
+        mixed_big, mixed_small = blend(big, small, share, seed)
+        np.testing.assert_array_equal(mixed_big[:, 0, 0], mixed_small[:, 0, 0])
+        assert (mixed_big == mixed_big[:, :1, :1]).all()  # a blend of flat chips stays flat
+        changed = mixed_big[:, 0, 0] != values
+        assert not changed.any() if share == 0 else changed.mean() >= share - 0.3
+        assert (np.abs(mixed_big[:, 0, 0].astype(int) - values) <= 96).all()  # own weight >= 0.5 of a 190 range
+    again = blend(big, small, 0.5, 7)
+    np.testing.assert_array_equal(again[0], blend(big, small, 0.5, 7)[0])
+    np.testing.assert_array_equal(big[:, 0, 0], values)  # the inputs are not changed in place

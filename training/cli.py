@@ -94,7 +94,8 @@ def _face_slim(args: argparse.Namespace) -> int:
 
     path = train_slim(args.out, args.data_dir, widths=args.widths, size=args.size, versions=args.versions,
                       epochs=args.epochs, batch=args.batch, learning_rate=args.lr, cache_dir=args.teacher_cache,
-                      subset_people=args.subset_people, seed=args.seed, weights=args.weights)
+                      subset_people=args.subset_people, seed=args.seed, weights=args.weights, init=args.init,
+                      first_version=args.first_version, mixup=args.mixup)
     print(f"saved {path}")
     return 0
 
@@ -224,6 +225,14 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="teacher label cache folder (default: %(default)s)")
     p.add_argument("--weights", type=Path, default=None,
                    help="dlib's network .dat (default: the one in the installed face_recognition_models package)")
+    p.add_argument("--init", type=Path, default=None, metavar="MODEL",
+                   help="continue a finished run's model.keras (its widths, size and centre) instead of a new cut")
+    p.add_argument("--first-version", type=int, default=0, metavar="N",
+                   help="use augmented versions N .. N+versions-1; with --init, versions the model has not seen "
+                        "(default: %(default)s)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="SHARE",
+                   help="share of the samples blended with another training face (teacher and student see the same "
+                        "blend; default: %(default)s, none)")
     _add_run_args(p, Path("build/face-slim/model"))
     p.set_defaults(func=_face_slim)
 

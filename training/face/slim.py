@@ -20,6 +20,7 @@ Reads top to bottom: channel scores → the cut → teacher targets (cached) →
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from training.datasets.lfw import load_faces
 from training.face.data import augment, student_inputs, validation_set
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, Conv, DlibResnet, find_model_file, find_weights,
                                        grey_embedder, read_dlib_resnet)
+from training.face.models import Centre
 from training.face.recipes import SLIM_CACHE, SLIM_SIZE, SLIM_WIDTHS
 from training.face.train import CHECKPOINT, SELECT_BY, SELECTION, centred, distill_loss, load_lfw, validate
 from training.teacher import EMBEDDING_SIZE
@@ -128,6 +130,27 @@ def chips_of(crops: np.ndarray, aligners: tuple[Aligner, ...]) -> list[np.ndarra
     return [np.stack(chips) for chips in zip(*cut_crops)]
 
 
+def blend(big: np.ndarray, small: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A `share` of the chips blended with another image's chips (mixup, own weight uniform in 0.5..1), the same blend
+    at both sizes so teacher and student still see the same picture.
+
+    LFW gives 7.7k training photos; a blend of two faces is a face-like input the teacher has an answer for, so the
+    student learns the teacher's function on more of face space than the photos cover ("function matching", Beyer et
+    al. 2022). Chips are blended rather than crops because each crop has its own alignment.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = np.flatnonzero(rng.random(len(big)) < share)
+    partner = rng.permutation(len(big))[chosen]
+    weight = rng.uniform(0.5, 1.0, len(chosen)).astype(np.float32)[:, None, None]
+    out = []
+    for chips in (big, small):
+        chips = chips.copy()
+        mixed = weight * chips[chosen] + (1.0 - weight) * chips[partner]
+        chips[chosen] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        out.append(chips)
+    return out[0], out[1]
+
+
 def chip_input(chips: np.ndarray) -> np.ndarray:
     """uint8 chips → model input, by the device's own arithmetic (device.preprocess.normalize)."""
     return normalize(chips, FACE_SPEC)
@@ -190,9 +213,23 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
                size: int = SLIM_SIZE,
                versions: int = 24, epochs: int = 4, batch: int = 64, learning_rate: float = 1e-3,
                cache_dir: Path = SLIM_CACHE, subset_people: int | None = None, seed: int = 1,
-               weights: Path | None = None) -> Path:
+               weights: Path | None = None, init: Path | None = None, first_version: int = 0,
+               mixup: float = 0.0) -> Path:
     """Cut the student from dlib's network, distil it on `versions` augmented versions of every training image, keep
-    the epoch with the best validation balanced accuracy (the untrained cut is epoch 0), and save the run."""
+    the epoch with the best validation balanced accuracy (the untrained cut is epoch 0), and save the run.
+
+    `init` continues a finished run's model (its widths, chip size and centre) instead of cutting a new one, and
+    `first_version` starts the augmented versions there: a student that has fit versions 0..23 keeps learning from
+    versions it has never seen (function matching wants fresh views; on repeated ones the training loss kept falling
+    while validation stopped, session 8). The starting model competes as epoch 0, so a run never ships worse.
+    """
+    if first_version < 0:
+        raise ValueError(f"first_version must be 0 or more, not {first_version}")
+    if not 0.0 <= mixup <= 1.0:
+        raise ValueError(f"mixup is a share of the samples, 0..1, not {mixup}")
+    start_model = keras.models.load_model(init, compile=False) if init else None
+    if start_model is not None:
+        size = int(start_model.input_shape[1])
     seed_everything(seed)
     net = read_dlib_resnet(Path(weights) if weights else find_weights())
     landmarks = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
@@ -210,19 +247,24 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     print(f"teacher targets: {versions} versions of {len(keys):,} training images of {len(split.train_people):,} "
           f"people, aligned at {CHIP} px (teacher) and {size} px (student)", flush=True)
     student_chips, targets = [], []
-    for version in tqdm(range(versions), desc="versions", unit="version"):
+    for version in tqdm(range(first_version, first_version + versions), desc="versions", unit="version"):
         crops = np.stack([augment(crop, key, version) for crop, key in zip(originals, keys)])
         chips, small_chips = chips_of(crops, (big, small))
+        if mixup:
+            chips, small_chips = blend(chips, small_chips, mixup, seed=version)
         targets.append(chip_teacher_targets(teacher, chips, cache_dir, net.sha256))
         student_chips.append(small_chips)
-        if version == 0:
+        if version == first_version and start_model is None:
             chosen = np.random.default_rng(seed).choice(len(chips), min(SCORE_IMAGES, len(chips)), replace=False)
             scores = channel_scores(teacher, chip_input(chips[np.sort(chosen)]))
     x, raw = np.concatenate(student_chips), np.concatenate(targets)
-    centre = raw.mean(axis=0)
-    y = centred(raw)
-
-    model = grey_embedder(cut(net, scores, widths, size), None, chip=size, centre=centre)
+    if start_model is None:
+        centre = raw.mean(axis=0)
+        model = grey_embedder(cut(net, scores, widths, size), None, chip=size, centre=centre)
+    else:  # the targets keep the direction the model already learnt: centred on its own centre
+        model = start_model
+        centre = next(layer for layer in model.layers if isinstance(layer, Centre)).get_weights()[0]
+    y = centred(raw, centre)
     validation = validation_set(split, people)
     val_x = student_inputs(validation.crops, spec, small)
     batches = ChipBatches(x, y, batch, seed)
@@ -231,7 +273,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
                                                       warmup_target=learning_rate, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=slim_distill_loss)
-    print(f"student: widths {list(widths)} at {size}x{size}, {model.count_params():,} parameters, "
+    print(f"student: {'continued from ' + str(init) if init else 'widths ' + str(list(widths))} at {size}x{size}, {model.count_params():,} parameters, "
           f"{count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
           f"up to {epochs} epochs", flush=True)
 
@@ -239,7 +281,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     best: dict[str, Any] = {"score": start[SELECT_BY], "epoch": 0, "weights": model.get_weights(), "validation": start}
     # Index i of every list is epoch i; epoch 0 (the cut) has no training loss.
     history: dict[str, list[float | None]] = {"epoch": [0], "loss": [None], **{n: [float(v)] for n, v in start.items()}}
-    print("epoch 0 (the cut, untrained): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
+    print(f"epoch 0 ({'the starting model' if init else 'the cut, untrained'}): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
     started = time.time()
     for epoch in range(1, epochs + 1):
         tty = sys.stdout.isatty()
@@ -256,10 +298,15 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
             out.mkdir(parents=True, exist_ok=True)
             model.save(out / CHECKPOINT)
     model.set_weights(best["weights"])
+    earlier = _run_info(init) if init else {}
+    if earlier:
+        widths = tuple(earlier.get("widths", widths))
     info = {
         "task": "face", "arch": "dlib-resnet-slim", "input": "aligned-chip", "widths": list(widths),
         "recipe": "cut from dlib's network by mean activation, then distill (1 - cos to the centred teacher "
-                  "embedding of the same pixels, aligned at 150 px for the teacher)",
+                  "embedding of the same pixels, aligned at 150 px for the teacher)"
+                  + (f"; continued on versions {first_version}..{first_version + versions - 1}" if init else "")
+                  + (f", {mixup:.0%} of the samples blended with another face" if mixup else ""),
         "loss_weights": {"distill": 1.0},
         "parameters": int(model.count_params()), "macs": count_macs(model),
         "epochs_run": epochs, "best_epoch": best["epoch"],
@@ -267,14 +314,25 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
         "selected_by": f"{SELECT_BY}: {SELECTION}",
         "validation": {**best["validation"], "images": len(validation.keys),
                        "people": len(set(validation.labels.tolist()))},
-        "versions": versions, "batch": batch, "learning_rate": learning_rate, "seed": seed,
+        "versions": versions, "first_version": first_version, "mixup": mixup,
+        "batch": batch, "learning_rate": learning_rate, "seed": seed,
         "train_samples": int(len(x)), "train_seconds": round(time.time() - started, 1),
         "source": {"file": find_weights().name if weights is None else Path(weights).name, "sha256": net.sha256,
                    "package": "face_recognition_models", "license": "public domain (dlib's model files)"},
         "teacher_targets": "the ported dlib network's embedding of the 150 px chip of the same augmented pixels, "
                            "centred on the training mean (kept in the model's `centre` layer) and re-normalised",
         "split": split.describe(), "preprocessing": spec, "toolchain": toolchain_versions(),
+        **({"continued_from": {"model": str(init), "versions": earlier.get("versions"),
+                               "first_version": earlier.get("first_version", 0), "epochs_run": earlier.get("epochs_run"),
+                               "best_epoch": earlier.get("best_epoch"), "learning_rate": earlier.get("learning_rate")}}
+           if init else {}),
     }
     path = save_run(out, model, history, info)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return path
+
+
+def _run_info(model_path: Path) -> dict[str, Any]:
+    """The train_info.json saved beside a run's model, or {} (a model file copied on its own)."""
+    path = Path(model_path).with_name("train_info.json")
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -139,14 +139,14 @@ class PKBatches(keras.utils.PyDataset):
         return self.x[idx], (self.labels[idx], self.targets[idx])
 
 
-def centred(targets: np.ndarray) -> np.ndarray:
-    """Teacher embeddings minus their mean, re-normalised.
+def centred(targets: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """Teacher embeddings minus their mean (or a given `mean`, e.g. a trained student's centre), re-normalised.
 
     dlib's embeddings sit in a narrow cone (mean pairwise cosine ~0.84 on our crops): regressed as they
     are, the student learns the cone's axis and collapses every face onto it (measured: mean pairwise
     cosine 0.99999, chance-level verification). Centring keeps what tells faces apart.
     """
-    shifted = targets - targets.mean(axis=0, keepdims=True)
+    shifted = targets - (targets.mean(axis=0, keepdims=True) if mean is None else np.asarray(mean)[None])
     return (shifted / np.linalg.norm(shifted, axis=1, keepdims=True)).astype(np.float32)
 
 
