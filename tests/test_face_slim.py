@@ -197,3 +197,20 @@ def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() ->
     again = blend(big, small, 0.5, 7)
     np.testing.assert_array_equal(again[0], blend(big, small, 0.5, 7)[0])
     np.testing.assert_array_equal(big[:, 0, 0], values)  # the inputs are not changed in place
+
+
+@pytest.mark.parametrize("args, message", [(["--mixup", "1.5"], "between 0 and 1"),
+                                           (["--first-version", "-1"], "0 or more")])
+def test_continuation_options_are_checked_before_anything_runs(args, message, capsys) -> None:
+    from training.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["face-slim", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_continuing_a_missing_model_is_a_clear_error(tmp_path, capsys) -> None:
+    from training.cli import main
+
+    assert main(["face-slim", "--init", str(tmp_path / "nowhere.keras"), "--out", str(tmp_path / "run")]) == 2
+    assert "no such model file" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -92,12 +92,29 @@ def _face_resnet(args: argparse.Namespace) -> int:
 def _face_slim(args: argparse.Namespace) -> int:
     from training.face.slim import train_slim
 
+    if args.init is not None and not args.init.is_file():
+        print(f"error: --init {args.init}: no such model file (a finished run's model.keras)", file=sys.stderr)
+        return 2
     path = train_slim(args.out, args.data_dir, widths=args.widths, size=args.size, versions=args.versions,
                       epochs=args.epochs, batch=args.batch, learning_rate=args.lr, cache_dir=args.teacher_cache,
                       subset_people=args.subset_people, seed=args.seed, weights=args.weights, init=args.init,
                       first_version=args.first_version, mixup=args.mixup)
     print(f"saved {path}")
     return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, not {value}")
+    return value
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -227,10 +244,10 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
                    help="dlib's network .dat (default: the one in the installed face_recognition_models package)")
     p.add_argument("--init", type=Path, default=None, metavar="MODEL",
                    help="continue a finished run's model.keras (its widths, size and centre) instead of a new cut")
-    p.add_argument("--first-version", type=int, default=0, metavar="N",
+    p.add_argument("--first-version", type=_non_negative, default=0, metavar="N",
                    help="use augmented versions N .. N+versions-1; with --init, versions the model has not seen "
                         "(default: %(default)s)")
-    p.add_argument("--mixup", type=float, default=0.0, metavar="SHARE",
+    p.add_argument("--mixup", type=_share, default=0.0, metavar="SHARE",
                    help="share of the samples blended with another training face (teacher and student see the same "
                         "blend; default: %(default)s, none)")
     _add_run_args(p, Path("build/face-slim/model"))

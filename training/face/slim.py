@@ -273,15 +273,16 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
                                                       warmup_target=learning_rate, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=slim_distill_loss)
-    print(f"student: {'continued from ' + str(init) if init else 'widths ' + str(list(widths))} at {size}x{size}, {model.count_params():,} parameters, "
-          f"{count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
+    what = f"continued from {init}" if init else f"widths {list(widths)}"
+    print(f"student: {what} at {size}x{size}, {model.count_params():,} parameters, {count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
           f"up to {epochs} epochs", flush=True)
 
     start = validate(model, validation, val_x, spec)
     best: dict[str, Any] = {"score": start[SELECT_BY], "epoch": 0, "weights": model.get_weights(), "validation": start}
     # Index i of every list is epoch i; epoch 0 (the cut) has no training loss.
     history: dict[str, list[float | None]] = {"epoch": [0], "loss": [None], **{n: [float(v)] for n, v in start.items()}}
-    print(f"epoch 0 ({'the starting model' if init else 'the cut, untrained'}): " + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
+    print(f"epoch 0 ({'the starting model' if init else 'the cut, untrained'}): "
+          + ", ".join(f"{n} {v:.4f}" for n, v in start.items()), flush=True)
     started = time.time()
     for epoch in range(1, epochs + 1):
         tty = sys.stdout.isatty()
@@ -299,10 +300,9 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
             model.save(out / CHECKPOINT)
     model.set_weights(best["weights"])
     earlier = _run_info(init) if init else {}
-    if earlier:
-        widths = tuple(earlier.get("widths", widths))
     info = {
-        "task": "face", "arch": "dlib-resnet-slim", "input": "aligned-chip", "widths": list(widths),
+        "task": "face", "arch": "dlib-resnet-slim", "input": "aligned-chip",
+        "widths": earlier.get("widths") if init else list(widths),  # unknown for a model file copied on its own
         "recipe": "cut from dlib's network by mean activation, then distill (1 - cos to the centred teacher "
                   "embedding of the same pixels, aligned at 150 px for the teacher)"
                   + (f"; continued on versions {first_version}..{first_version + versions - 1}" if init else "")
