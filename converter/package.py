@@ -36,12 +36,13 @@ def load_trained(keras_path: Path, task: str, outputs: int) -> tuple[Any, dict[s
     """
     import keras
 
+    from training.common import run_info
+
     try:
         model = keras.saving.load_model(keras_path, compile=False)  # inference only: no training losses needed
     except (OSError, ValueError, KeyError, TypeError) as exc:  # zip/h5 damage surfaces as any of these
         raise ValueError(f"{keras_path} is not a readable Keras model ({exc})") from exc
-    info_path = Path(keras_path).with_name("train_info.json")
-    train_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    train_info = run_info(keras_path)
     if train_info.get("task", task) != task:
         raise ValueError(f"{keras_path} was trained for '{train_info['task']}' (its train_info.json), not '{task}'")
     if model.output_shape[-1] != outputs:

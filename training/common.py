@@ -63,6 +63,12 @@ def toolchain_versions() -> dict[str, str]:
     }
 
 
+def run_info(model_path: str | Path) -> dict[str, Any]:
+    """The train_info.json that `save_run` wrote beside a model, or {} for a model file kept on its own."""
+    path = Path(model_path).with_name("train_info.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save_run(out: Path, model: keras.Model, history: dict[str, list[float]], info: dict[str, Any]) -> Path:
     """Write model.keras, history.json and train_info.json into `out`; returns the model path."""
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ Reads top to bottom: channel scores → the cut → teacher targets (cached) →
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -34,12 +33,11 @@ from tqdm import tqdm
 from device.face import FACE_SPEC, LANDMARKS_FILE, Aligner, aligned_spec
 from device.landmarks import read_dlib_shape_predictor
 from device.preprocess import normalize
-from training.common import StepLog, count_macs, save_run, seed_everything, toolchain_versions
+from training.common import StepLog, count_macs, run_info, save_run, seed_everything, toolchain_versions
 from training.datasets.lfw import load_faces
 from training.face.data import augment, student_inputs, validation_set
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, Conv, DlibResnet, find_model_file, find_weights,
                                        grey_embedder, read_dlib_resnet)
-from training.face.models import Centre
 from training.face.recipes import SLIM_CACHE, SLIM_SIZE, SLIM_WIDTHS
 from training.face.train import CHECKPOINT, SELECT_BY, SELECTION, centred, distill_loss, load_lfw, validate
 from training.teacher import EMBEDDING_SIZE
@@ -263,7 +261,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
         model = grey_embedder(cut(net, scores, widths, size), None, chip=size, centre=centre)
     else:  # the targets keep the direction the model already learnt: centred on its own centre
         model = start_model
-        centre = next(layer for layer in model.layers if isinstance(layer, Centre)).get_weights()[0]
+        centre = model.get_layer("centre").get_weights()[0]
     y = centred(raw, centre)
     validation = validation_set(split, people)
     val_x = student_inputs(validation.crops, spec, small)
@@ -299,7 +297,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
             out.mkdir(parents=True, exist_ok=True)
             model.save(out / CHECKPOINT)
     model.set_weights(best["weights"])
-    earlier = _run_info(init) if init else {}
+    earlier = run_info(init) if init else {}
     info = {
         "task": "face", "arch": "dlib-resnet-slim", "input": "aligned-chip",
         "widths": earlier.get("widths") if init else list(widths),  # unknown for a model file copied on its own
@@ -330,9 +328,3 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     path = save_run(out, model, history, info)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return path
-
-
-def _run_info(model_path: Path) -> dict[str, Any]:
-    """The train_info.json saved beside a run's model, or {} (a model file copied on its own)."""
-    path = Path(model_path).with_name("train_info.json")
-    return json.loads(path.read_text()) if path.is_file() else {}
