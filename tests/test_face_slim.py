@@ -20,8 +20,8 @@ from training.datasets.lfw import load_faces
 from training.face.dlib_resnet import (CHIP, LANDMARKS_DAT, LEVELS, find_model_file, find_weights, grey_embedder,
                                        read_dlib_resnet)
 from training.face.recipes import SLIM_WIDTHS as WIDTHS
-from training.face.slim import (aligner_for, blend, channel_scores, chip_input, chip_teacher_targets, chips_of, cut,
-                                train_slim)
+from training.face.slim import (FEATURE_LAYERS, aligner_for, blend, channel_scores, chip_input, chip_teacher_targets,
+                                chips_of, cut, feature_trainer, train_slim)
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +162,23 @@ def test_training_smoke_run_saves_a_model_the_converter_reads_as_aligned(smoke_r
 
 
 def test_a_run_continues_a_finished_model_on_fresh_blended_versions(smoke_run, data_dir, tmp_path) -> None:
-    """--init/--first-version/--mixup: the continued run starts from the finished model itself (its score is epoch 0,
-    its centre is kept, so targets stay in the direction it learnt) and records where it came from."""
+    """--init/--first-version/--mixup/--feature-weight: the continued run starts from the finished model itself (its
+    score is epoch 0, its centre is kept, so targets stay in the direction it learnt), records where it came from,
+    and with feature distillation logs each level's gap and saves the student alone (no projections)."""
     import keras
 
     first = json.loads(smoke_run.with_name("train_info.json").read_text())
     path = train_slim(tmp_path / "more", data_dir, versions=1, epochs=1, batch=32, cache_dir=tmp_path / "cache",
-                      subset_people=40, init=smoke_run, first_version=1, mixup=0.5)
+                      subset_people=40, init=smoke_run, first_version=1, mixup=0.5, feature_weight=0.05)
     info = json.loads(path.with_name("train_info.json").read_text())
     history = json.loads(path.with_name("history.json").read_text())
+    assert info["loss_weights"] == {"distill": 1.0, "features": 0.05}
+    assert list(info["feature_gap_start"]) == list(FEATURE_LAYERS)
+    assert all(0.0 <= gap <= 1.0 for gap in info["feature_gap_start"].values())
+    gaps = [history[f"{name}_gap_loss"] for name in FEATURE_LAYERS]
+    assert all(gap[0] is None and gap[1] > 0 for gap in gaps)  # index i is epoch i: the start has no loss
+    saved = keras.models.load_model(path, compile=False)
+    assert not any(layer.name.endswith("_to_teacher") for layer in saved.layers)
     assert history["val_balanced_accuracy"][0] == pytest.approx(first["validation"]["val_balanced_accuracy"])
     assert info["widths"] == list(WIDTHS) and info["first_version"] == 1 and info["mixup"] == 0.5
     assert info["continued_from"]["model"] == str(smoke_run) and info["continued_from"]["versions"] == 1
@@ -179,6 +187,28 @@ def test_a_run_continues_a_finished_model_on_fresh_blended_versions(smoke_run, d
     np.testing.assert_array_equal(before, after)
     with pytest.raises(ValueError, match="mixup"):
         train_slim(tmp_path / "bad", data_dir, mixup=1.5)
+
+
+def test_feature_trainer_starts_at_the_least_squares_fit_and_keeps_the_student(smoke_run, net, crops) -> None:
+    """The training model's gap outputs must compute, with the projections set to their least-squares fit, the same
+    gaps the fit reports (<= 1: with a bias, a fitted projection does at least as well as the teacher map's mean),
+    its first output must be the student's own embedding, and its trainable weights must be the student's plus the
+    projections (the teacher frozen)."""
+    import keras
+
+    student = keras.models.load_model(smoke_run, compile=False)
+    size = int(student.input_shape[1])
+    landmarks = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
+    x = chip_input(chips_of(crops, (aligner_for(size, landmarks),))[0])
+    trainer, start = feature_trainer(student, grey_embedder(net, None, chip=size), x)
+    outputs = trainer.predict(x, verbose=0)
+    assert len(start) == len(FEATURE_LAYERS) and all(0.0 <= gap <= 1.0 for gap in start)
+    assert start[0] > 0.0  # 24 chips x 26 x 26 positions leave level 0 far from an exact fit
+    np.testing.assert_allclose([out.mean() for out in outputs[1:]], start, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(outputs[0], student.predict(x, verbose=0), atol=1e-5)
+    projections = sum(2 for layer in trainer.layers if layer.name.endswith("_to_teacher"))
+    assert projections == 2 * len(FEATURE_LAYERS)
+    assert len(trainer.trainable_weights) == len(student.trainable_weights) + projections
 
 
 def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() -> None:
@@ -200,7 +230,9 @@ def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() ->
 
 
 @pytest.mark.parametrize("args, message", [(["--mixup", "1.5"], "between 0 and 1"),
-                                           (["--first-version", "-1"], "0 or more")])
+                                           (["--first-version", "-1"], "0 or more"),
+                                           (["--feature-weight", "-0.1"], "0 or more"),
+                                           (["--feature-weight", "nan"], "0 or more")])
 def test_continuation_options_are_checked_before_anything_runs(args, message, capsys) -> None:
     from training.cli import main
 

@@ -98,7 +98,7 @@ def _face_slim(args: argparse.Namespace) -> int:
     path = train_slim(args.out, args.data_dir, widths=args.widths, size=args.size, versions=args.versions,
                       epochs=args.epochs, batch=args.batch, learning_rate=args.lr, cache_dir=args.teacher_cache,
                       subset_people=args.subset_people, seed=args.seed, weights=args.weights, init=args.init,
-                      first_version=args.first_version, mixup=args.mixup)
+                      first_version=args.first_version, mixup=args.mixup, feature_weight=args.feature_weight)
     print(f"saved {path}")
     return 0
 
@@ -106,6 +106,13 @@ def _face_slim(args: argparse.Namespace) -> int:
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
@@ -250,6 +257,11 @@ def _add_face(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixup", type=_share, default=0.0, metavar="SHARE",
                    help="share of the samples blended with another training face (teacher and student see the same "
                         "blend; default: %(default)s, none)")
+    p.add_argument("--feature-weight", type=_non_negative_float, default=0.0, metavar="W",
+                   help="also distil the teacher's intermediate maps: weight of each level's gap (the share of the "
+                        "teacher's map variance a 1x1 projection of the student's map leaves unexplained; the teacher "
+                        "runs at the student's chip size on every batch, ~2x the time per step; default: "
+                        "%(default)s, off)")
     _add_run_args(p, Path("build/face-slim/model"))
     p.set_defaults(func=_face_slim)
 

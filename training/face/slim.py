@@ -44,6 +44,10 @@ from training.teacher import EMBEDDING_SIZE
 
 SCORE_IMAGES = 512  # training chips whose mean activations rank the channels
 WARMUP_STEPS = 300
+# Where intermediate feature distillation (--feature-weight) compares student and teacher: the residual stream at the
+# end of every level (the last block's output), from 26x26 down to 1x1 at a 112 px chip.
+FEATURE_LAYERS = tuple(f"l{level}b{blocks - 1}_relu" for level, (blocks, _) in enumerate(LEVELS))
+FIT_CHIPS = 2048  # training chips on which the 1x1 projections to the teacher's channels are fitted (least squares)
 
 
 def channel_scores(teacher: keras.Model, chips: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,21 +191,80 @@ def slim_distill_loss(target: Any, student: Any) -> Any:
     return distill_loss(student, target)
 
 
-class ChipBatches(keras.utils.PyDataset):
-    """Shuffled batches of uint8 chips, normalised as device.face.FACE_SPEC, with their centred teacher targets."""
+@keras.saving.register_keras_serializable(package="edge_face")
+class FeatureGap(keras.layers.Layer):
+    """Per sample: mean squared gap between the student's map, projected to the teacher's channels, and the
+    teacher's map, as a share of the teacher map's mean channel variance (1 = explains nothing, 0 = all of it)."""
 
-    def __init__(self, chips: np.ndarray, targets: np.ndarray, batch: int, seed: int):
+    def __init__(self, variance: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.variance = float(variance)
+
+    def call(self, inputs: list[Any]) -> Any:
+        projected, target = inputs
+        return keras.ops.mean(keras.ops.square(projected - target), axis=(1, 2, 3)) / self.variance
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "variance": self.variance}
+
+
+def feature_gap_loss(_: Any, gap: Any) -> Any:
+    """A FeatureGap output is its own loss (its target is a dummy zero)."""
+    return gap
+
+
+def feature_trainer(student: keras.Model, teacher: keras.Model, fit_x: np.ndarray) -> tuple[keras.Model, list[float]]:
+    """The student with one more output per FEATURE_LAYERS level: its FeatureGap to the frozen `teacher` (the full
+    network at the student's chip size, so every map has the same side; the cut's channels are a subset of the
+    teacher's) on the same input. Returns the training model and each level's starting gap.
+
+    128 numbers per image are all a student learns from the embedding alone, and the gap between the student and
+    the teacher is between *people* (session 9: 1 - cos 0.06 on unseen versions of training people, 0.15 on new
+    people); the teacher's maps say how it got there, thousands of numbers per image (FitNets, Romero et al. 2015).
+    Each 1x1 projection (student channels → teacher's) starts at its least-squares fit on `fit_x`, so the gaps
+    start at what the student's maps already explain rather than at a random projection's error; projections are
+    trained with the student and dropped afterwards (the saved model is `student` alone).
+    """
+    teacher_maps = keras.Model(teacher.input, [teacher.get_layer(n).output for n in FEATURE_LAYERS],
+                               name="teacher_maps")
+    teacher_maps.trainable = False
+    student_maps = keras.Model(student.input, [student.get_layer(n).output for n in FEATURE_LAYERS])
+    fitted_s = student_maps.predict(fit_x, batch_size=64, verbose=0)
+    fitted_t = teacher_maps.predict(fit_x, batch_size=64, verbose=0)
+    targets = teacher_maps(student.input)
+    outputs, start = [student.output], []
+    for name, s_fit, t_fit, target in zip(FEATURE_LAYERS, fitted_s, fitted_t, targets):
+        a = np.asarray(s_fit, np.float64).reshape(-1, s_fit.shape[-1])
+        b = np.asarray(t_fit, np.float64).reshape(-1, t_fit.shape[-1])
+        solution = np.linalg.lstsq(np.c_[a, np.ones(len(a))], b, rcond=None)[0]
+        variance = float(b.var(axis=0).mean())
+        start.append(float(np.mean((np.c_[a, np.ones(len(a))] @ solution - b) ** 2) / variance))
+        projection = keras.layers.Conv2D(b.shape[1], 1, name=f"{name}_to_teacher")
+        projected = projection(student.get_layer(name).output)
+        projection.set_weights([solution[:-1].astype(np.float32)[None, None], solution[-1].astype(np.float32)])
+        outputs.append(FeatureGap(variance, name=f"{name}_gap")([projected, target]))
+    return keras.Model(student.input, outputs, name="student_with_teacher_maps"), start
+
+
+class ChipBatches(keras.utils.PyDataset):
+    """Shuffled batches of uint8 chips, normalised as device.face.FACE_SPEC, with their centred teacher targets (and
+    a dummy zero per sample for each of `gaps` FeatureGap outputs)."""
+
+    def __init__(self, chips: np.ndarray, targets: np.ndarray, batch: int, seed: int, gaps: int = 0):
         super().__init__()
-        self.chips, self.targets, self.batch = chips, targets, batch
+        self.chips, self.targets, self.batch, self.gaps = chips, targets, batch, gaps
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(chips))
 
     def __len__(self) -> int:
         return len(self.chips) // self.batch
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, Any]:
         idx = np.sort(self.order[index * self.batch:(index + 1) * self.batch])
-        return chip_input(self.chips[idx]), self.targets[idx]
+        if not self.gaps:
+            return chip_input(self.chips[idx]), self.targets[idx]
+        zero = np.zeros(len(idx), np.float32)
+        return chip_input(self.chips[idx]), (self.targets[idx],) + (zero,) * self.gaps
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.chips))
@@ -212,7 +275,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
                versions: int = 24, epochs: int = 4, batch: int = 64, learning_rate: float = 1e-3,
                cache_dir: Path = SLIM_CACHE, subset_people: int | None = None, seed: int = 1,
                weights: Path | None = None, init: Path | None = None, first_version: int = 0,
-               mixup: float = 0.0) -> Path:
+               mixup: float = 0.0, feature_weight: float = 0.0) -> Path:
     """Cut the student from dlib's network, distil it on `versions` augmented versions of every training image, keep
     the epoch with the best validation balanced accuracy (the untrained cut is epoch 0), and save the run.
 
@@ -220,11 +283,14 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     `first_version` starts the augmented versions there: a student that has fit versions 0..23 keeps learning from
     versions it has never seen (function matching wants fresh views; on repeated ones the training loss kept falling
     while validation stopped, session 8). The starting model competes as epoch 0, so a run never ships worse.
+    `feature_weight` > 0 adds intermediate feature distillation (`feature_trainer`), that weight per level.
     """
     if first_version < 0:
         raise ValueError(f"first_version must be 0 or more, not {first_version}")
     if not 0.0 <= mixup <= 1.0:
         raise ValueError(f"mixup is a share of the samples, 0..1, not {mixup}")
+    if feature_weight < 0:
+        raise ValueError(f"feature_weight must be 0 or more, not {feature_weight}")
     start_model = keras.models.load_model(init, compile=False) if init else None
     if start_model is not None:
         size = int(start_model.input_shape[1])
@@ -265,12 +331,19 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     y = centred(raw, centre)
     validation = validation_set(split, people)
     val_x = student_inputs(validation.crops, spec, small)
-    batches = ChipBatches(x, y, batch, seed)
+    trainer, gap_start = model, []
+    if feature_weight:
+        fit = np.sort(np.random.default_rng(seed).choice(len(x), min(FIT_CHIPS, len(x)), replace=False))
+        trainer, gap_start = feature_trainer(model, grey_embedder(net, None, chip=size), chip_input(x[fit]))
+        print("feature gaps at the start (share of the teacher's map variance the student's does not explain): "
+              + ", ".join(f"{n} {g:.3f}" for n, g in zip(FEATURE_LAYERS, gap_start)), flush=True)
+    batches = ChipBatches(x, y, batch, seed, gaps=len(gap_start))
     warmup = min(WARMUP_STEPS, len(batches))  # the cut starts far from its targets: no full-rate steps at once
     schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, len(batches) * epochs - warmup),
                                                       warmup_target=learning_rate, warmup_steps=warmup)
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
-                  loss=slim_distill_loss)
+    trainer.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                    loss=[slim_distill_loss] + [feature_gap_loss] * len(gap_start),
+                    loss_weights=[1.0] + [feature_weight] * len(gap_start))
     what = f"continued from {init}" if init else f"widths {list(widths)}"
     print(f"student: {what} at {size}x{size}, {model.count_params():,} parameters, {count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
           f"up to {epochs} epochs", flush=True)
@@ -284,12 +357,12 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     started = time.time()
     for epoch in range(1, epochs + 1):
         tty = sys.stdout.isatty()
-        logs = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if tty else 0,
+        logs = trainer.fit(batches, initial_epoch=epoch - 1, epochs=epoch, verbose=1 if tty else 0,
                          callbacks=[] if tty else [StepLog(len(batches))])
         val = validate(model, validation, val_x, spec)
         record = {"epoch": epoch, **{n: v[-1] for n, v in logs.history.items()}, **val}
         for name, value in record.items():
-            history.setdefault(name, []).append(float(value))
+            history.setdefault(name, [None] * epoch).append(float(value))  # a loss first logged now: none before
         print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{n} {v:.4f}" for n, v in record.items() if n != "epoch")
               + f" ({time.time() - started:.0f} s)", flush=True)
         if val[SELECT_BY] > best["score"]:
@@ -304,8 +377,11 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
         "recipe": "cut from dlib's network by mean activation, then distill (1 - cos to the centred teacher "
                   "embedding of the same pixels, aligned at 150 px for the teacher)"
                   + (f"; continued on versions {first_version}..{first_version + versions - 1}" if init else "")
-                  + (f", {mixup:.0%} of the samples blended with another face" if mixup else ""),
-        "loss_weights": {"distill": 1.0},
+                  + (f", {mixup:.0%} of the samples blended with another face" if mixup else "")
+                  + (f"; plus the gap to the teacher's maps (at the student's chip size) at the end of every level, "
+                     f"weight {feature_weight} each" if feature_weight else ""),
+        "loss_weights": {"distill": 1.0, **({"features": feature_weight} if feature_weight else {})},
+        **({"feature_gap_start": dict(zip(FEATURE_LAYERS, gap_start))} if feature_weight else {}),
         "parameters": int(model.count_params()), "macs": count_macs(model),
         "epochs_run": epochs, "best_epoch": best["epoch"],
         "validation_accuracy": best["validation"].get("val_pairs_accuracy"),
