@@ -176,9 +176,10 @@ def test_a_run_continues_a_finished_model_on_fresh_blended_versions(smoke_run, d
     assert list(info["feature_gap_start"]) == list(FEATURE_LAYERS)
     assert all(0.0 <= gap <= 1.0 for gap in info["feature_gap_start"].values())
     gaps = [history[f"{name}_gap_loss"] for name in FEATURE_LAYERS]
-    assert all(gap[0] is None and gap[1] > 0 for gap in gaps)  # index i is epoch i: the start has no loss
+    assert all(gap[0] is None and 0 < gap[1] < 10 for gap in gaps)  # index i is epoch i: the start has no loss
+    assert history["embedding_loss"][0] is None and 0 < history["embedding_loss"][1] < 2  # 1 - cos, unweighted
     saved = keras.models.load_model(path, compile=False)
-    assert not any(layer.name.endswith("_to_teacher") for layer in saved.layers)
+    assert len(saved.outputs) == 1 and saved.output_shape == (None, 128)  # the student alone, no projections
     assert history["val_balanced_accuracy"][0] == pytest.approx(first["validation"]["val_balanced_accuracy"])
     assert info["widths"] == list(WIDTHS) and info["first_version"] == 1 and info["mixup"] == 0.5
     assert info["continued_from"]["model"] == str(smoke_run) and info["continued_from"]["versions"] == 1
@@ -187,28 +188,45 @@ def test_a_run_continues_a_finished_model_on_fresh_blended_versions(smoke_run, d
     np.testing.assert_array_equal(before, after)
     with pytest.raises(ValueError, match="mixup"):
         train_slim(tmp_path / "bad", data_dir, mixup=1.5)
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="feature_weight"):
+            train_slim(tmp_path / "bad", data_dir, feature_weight=weight)
+    with pytest.raises(ValueError, match="too small"):  # before any labelling
+        train_slim(tmp_path / "bad", data_dir, size=96, feature_weight=0.05)
 
 
-def test_feature_trainer_starts_at_the_least_squares_fit_and_keeps_the_student(smoke_run, net, crops) -> None:
+def test_feature_trainer_starts_at_the_least_squares_fit_and_trains_only_student_and_projections(
+        smoke_run, net, crops, landmarks) -> None:
     """The training model's gap outputs must compute, with the projections set to their least-squares fit, the same
-    gaps the fit reports (<= 1: with a bias, a fitted projection does at least as well as the teacher map's mean),
-    its first output must be the student's own embedding, and its trainable weights must be the student's plus the
-    projections (the teacher frozen)."""
+    gaps the fit reports (<= 1: with a bias, a fitted projection does at least as well as the teacher map's mean;
+    level 4's 1x1 map, 24 rows for 97 unknowns, fits exactly), its first output must be the student's own embedding,
+    and a training step must move the student and the projections but never the teacher."""
     import keras
 
     student = keras.models.load_model(smoke_run, compile=False)
     size = int(student.input_shape[1])
-    landmarks = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
     x = chip_input(chips_of(crops, (aligner_for(size, landmarks),))[0])
-    trainer, start = feature_trainer(student, grey_embedder(net, None, chip=size), x)
+    teacher = grey_embedder(net, None, chip=size)
+    trainer, start = feature_trainer(student, teacher, x)
     outputs = trainer.predict(x, verbose=0)
     assert len(start) == len(FEATURE_LAYERS) and all(0.0 <= gap <= 1.0 for gap in start)
-    assert start[0] > 0.0  # 24 chips x 26 x 26 positions leave level 0 far from an exact fit
+    assert start[0] > 0.01  # 24 chips x 26 x 26 positions leave level 0 far from an exact fit
     np.testing.assert_allclose([out.mean() for out in outputs[1:]], start, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(outputs[0], student.predict(x, verbose=0), atol=1e-5)
-    projections = sum(2 for layer in trainer.layers if layer.name.endswith("_to_teacher"))
-    assert projections == 2 * len(FEATURE_LAYERS)
-    assert len(trainer.trainable_weights) == len(student.trainable_weights) + projections
+
+    projections = [w for layer in trainer.layers if layer.name.endswith("_to_teacher") for w in layer.weights]
+    assert len(projections) == 2 * len(FEATURE_LAYERS)
+    assert {id(w) for w in trainer.trainable_weights} == {id(w) for w in student.trainable_weights + projections}
+    before = {name: [np.array(w) for w in model.weights]
+              for name, model in (("teacher", teacher), ("student", student))}
+    before["projections"] = [np.array(w) for w in projections]
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss=[lambda t, p: keras.ops.mean(p, axis=-1)]
+                    + [lambda _, gap: gap] * len(FEATURE_LAYERS))
+    trainer.fit(x, (outputs[0],) + (np.zeros(len(x), np.float32),) * len(FEATURE_LAYERS), epochs=1, verbose=0)
+    moved = {name: any(not np.array_equal(a, np.array(b)) for a, b in zip(weights, current))
+             for (name, weights), current in zip(before.items(),
+                                                 (teacher.weights, student.weights, projections))}
+    assert moved == {"teacher": False, "student": True, "projections": True}
 
 
 def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() -> None:
@@ -232,7 +250,8 @@ def test_blending_mixes_the_same_partner_with_the_same_weight_at_both_sizes() ->
 @pytest.mark.parametrize("args, message", [(["--mixup", "1.5"], "between 0 and 1"),
                                            (["--first-version", "-1"], "0 or more"),
                                            (["--feature-weight", "-0.1"], "0 or more"),
-                                           (["--feature-weight", "nan"], "0 or more")])
+                                           (["--feature-weight", "nan"], "0 or more"),
+                                           (["--feature-weight", "inf"], "0 or more")])
 def test_continuation_options_are_checked_before_anything_runs(args, message, capsys) -> None:
     from training.cli import main
 

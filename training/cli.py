@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def _non_negative(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    if not (value >= 0.0 and math.isfinite(value)):  # nan and inf too
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {value}")
     return value
 
 

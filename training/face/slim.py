@@ -20,6 +20,7 @@ Reads top to bottom: channel scores → the cut → teacher targets (cached) →
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import time
@@ -191,7 +192,6 @@ def slim_distill_loss(target: Any, student: Any) -> Any:
     return distill_loss(student, target)
 
 
-@keras.saving.register_keras_serializable(package="edge_face")
 class FeatureGap(keras.layers.Layer):
     """Per sample: mean squared gap between the student's map, projected to the teacher's channels, and the
     teacher's map, as a share of the teacher map's mean channel variance (1 = explains nothing, 0 = all of it)."""
@@ -203,9 +203,6 @@ class FeatureGap(keras.layers.Layer):
     def call(self, inputs: list[Any]) -> Any:
         projected, target = inputs
         return keras.ops.mean(keras.ops.square(projected - target), axis=(1, 2, 3)) / self.variance
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "variance": self.variance}
 
 
 def feature_gap_loss(_: Any, gap: Any) -> Any:
@@ -223,7 +220,8 @@ def feature_trainer(student: keras.Model, teacher: keras.Model, fit_x: np.ndarra
     people); the teacher's maps say how it got there, thousands of numbers per image (FitNets, Romero et al. 2015).
     Each 1x1 projection (student channels → teacher's) starts at its least-squares fit on `fit_x`, so the gaps
     start at what the student's maps already explain rather than at a random projection's error; projections are
-    trained with the student and dropped afterwards (the saved model is `student` alone).
+    trained with the student and dropped afterwards (the saved model is `student` alone). `teacher` is frozen in
+    place.
     """
     teacher_maps = keras.Model(teacher.input, [teacher.get_layer(n).output for n in FEATURE_LAYERS],
                                name="teacher_maps")
@@ -236,9 +234,10 @@ def feature_trainer(student: keras.Model, teacher: keras.Model, fit_x: np.ndarra
     for name, s_fit, t_fit, target in zip(FEATURE_LAYERS, fitted_s, fitted_t, targets):
         a = np.asarray(s_fit, np.float64).reshape(-1, s_fit.shape[-1])
         b = np.asarray(t_fit, np.float64).reshape(-1, t_fit.shape[-1])
-        solution = np.linalg.lstsq(np.c_[a, np.ones(len(a))], b, rcond=None)[0]
+        design = np.c_[a, np.ones(len(a))]  # the last row of the solution is the bias
+        solution = np.linalg.lstsq(design, b, rcond=None)[0]
         variance = float(b.var(axis=0).mean())
-        start.append(float(np.mean((np.c_[a, np.ones(len(a))] @ solution - b) ** 2) / variance))
+        start.append(float(np.mean((design @ solution - b) ** 2) / variance))
         projection = keras.layers.Conv2D(b.shape[1], 1, name=f"{name}_to_teacher")
         projected = projection(student.get_layer(name).output)
         projection.set_weights([solution[:-1].astype(np.float32)[None, None], solution[-1].astype(np.float32)])
@@ -259,7 +258,7 @@ class ChipBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return len(self.chips) // self.batch
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, Any]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, ...]]:
         idx = np.sort(self.order[index * self.batch:(index + 1) * self.batch])
         if not self.gaps:
             return chip_input(self.chips[idx]), self.targets[idx]
@@ -289,13 +288,20 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
         raise ValueError(f"first_version must be 0 or more, not {first_version}")
     if not 0.0 <= mixup <= 1.0:
         raise ValueError(f"mixup is a share of the samples, 0..1, not {mixup}")
-    if feature_weight < 0:
-        raise ValueError(f"feature_weight must be 0 or more, not {feature_weight}")
+    if not (feature_weight >= 0 and math.isfinite(feature_weight)):
+        raise ValueError(f"feature_weight must be a finite number, 0 or more, not {feature_weight}")
     start_model = keras.models.load_model(init, compile=False) if init else None
     if start_model is not None:
         size = int(start_model.input_shape[1])
-    seed_everything(seed)
     net = read_dlib_resnet(Path(weights) if weights else find_weights())
+    map_teacher = None
+    if feature_weight:  # built before the labelling, so a chip too small for the uncut network fails at once
+        try:
+            map_teacher = grey_embedder(net, None, chip=size)
+        except ValueError as exc:
+            raise ValueError(f"--feature-weight needs dlib's whole network at the student's {size} px chip, which "
+                             f"is too small for its last down block (112 px works): {exc}") from exc
+    seed_everything(seed)
     landmarks = read_dlib_shape_predictor(find_model_file(LANDMARKS_DAT)).to_bytes()
     big, small = aligner_for(CHIP, landmarks), aligner_for(size, landmarks)
     spec = aligned_spec(size)
@@ -334,7 +340,7 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
     trainer, gap_start = model, []
     if feature_weight:
         fit = np.sort(np.random.default_rng(seed).choice(len(x), min(FIT_CHIPS, len(x)), replace=False))
-        trainer, gap_start = feature_trainer(model, grey_embedder(net, None, chip=size), chip_input(x[fit]))
+        trainer, gap_start = feature_trainer(model, map_teacher, chip_input(x[fit]))
         print("feature gaps at the start (share of the teacher's map variance the student's does not explain): "
               + ", ".join(f"{n} {g:.3f}" for n, g in zip(FEATURE_LAYERS, gap_start)), flush=True)
     batches = ChipBatches(x, y, batch, seed, gaps=len(gap_start))
@@ -345,8 +351,8 @@ def train_slim(out: Path, data_dir: str | Path | None = None, widths: tuple[int,
                     loss=[slim_distill_loss] + [feature_gap_loss] * len(gap_start),
                     loss_weights=[1.0] + [feature_weight] * len(gap_start))
     what = f"continued from {init}" if init else f"widths {list(widths)}"
-    print(f"student: {what} at {size}x{size}, {model.count_params():,} parameters, {count_macs(model):,} MACs; {len(x):,} samples, {len(batches)} steps of {batch} per epoch, "
-          f"up to {epochs} epochs", flush=True)
+    print(f"student: {what} at {size}x{size}, {model.count_params():,} parameters, {count_macs(model):,} MACs; "
+          f"{len(x):,} samples, {len(batches)} steps of {batch} per epoch, up to {epochs} epochs", flush=True)
 
     start = validate(model, validation, val_x, spec)
     best: dict[str, Any] = {"score": start[SELECT_BY], "epoch": 0, "weights": model.get_weights(), "validation": start}
