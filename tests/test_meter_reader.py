@@ -220,16 +220,20 @@ def test_cli_run_service_on_a_folder_of_frames(tmp_path: Path, pick) -> None:
     assert mark.returncode == 2 and "inside the 640x480 image" in mark.stderr
 
 
-def test_contrast_stretch_is_off_unless_the_meter_config_asks(tmp_path: Path, pick) -> None:
-    """The opt-in for low-contrast wheel meters reaches the model only from `[model] stretch_contrast = true`."""
+def test_contrast_stretch_is_auto_unless_the_meter_config_says_otherwise(tmp_path: Path, pick) -> None:
+    """`[model] stretch_contrast` reaches the model: "auto" when absent, true (a low-contrast wheel meter) or false
+    (never) when set; anything else is a config error naming the key."""
     _, config_path = compose_meter(tmp_path, pick(("0.0", "4.0")))
-    assert MeterReader.from_config(load_config(config_path)).model.stretch is False
-    text = config_path.read_text().replace("[alignment]", "stretch_contrast = true\n\n[alignment]", 1)
-    config_path.write_text(text)
-    assert MeterReader.from_config(load_config(config_path)).model.stretch is True
-    config_path.write_text(text.replace("stretch_contrast = true", "stretch_contrast = 1"))
-    with pytest.raises(ConfigError, match="stretch_contrast"):
-        load_config(config_path)
+    assert MeterReader.from_config(load_config(config_path)).model.stretch == "auto"
+    original = config_path.read_text()
+    for value, expected in (("true", True), ("false", False), ('"auto"', "auto")):
+        config_path.write_text(original.replace("[alignment]", f"stretch_contrast = {value}\n\n[alignment]", 1))
+        stretch = MeterReader.from_config(load_config(config_path)).model.stretch
+        assert stretch == expected and type(stretch) is type(expected)
+    for bad in ("1", '"on"'):
+        config_path.write_text(original.replace("[alignment]", f"stretch_contrast = {bad}\n\n[alignment]", 1))
+        with pytest.raises(ConfigError, match="stretch_contrast"):
+            load_config(config_path)
 
 
 def test_example_config_is_valid(tmp_path: Path) -> None:

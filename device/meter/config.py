@@ -34,9 +34,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device.bundle import VARIANTS, default_models_dir
+
+if TYPE_CHECKING:
+    from device.meter.model import Stretch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,7 +144,9 @@ class MeterConfig:
     bundle: Path
     variant: str
     threads: int | None
-    stretch_contrast: bool  # opt-in for low-contrast wheel meters (device.meter.model.stretch_contrast); never LCDs
+    # Contrast stretch before the model (device.meter.model.stretch_contrast): true for a low-contrast wheel meter
+    # (never an LCD), false never, "auto" (default) for frames dimmer than any real meter's in the data set.
+    stretch_contrast: Stretch
     alignment: AlignmentConfig
     digits: tuple[Roi, ...]
     reading: ReadingConfig
@@ -348,7 +353,9 @@ def load_config(path: str | Path) -> MeterConfig:
     bundle = model.path("bundle", str(default_bundle))
     variant = model.get("variant", str, "int8", choices=VARIANTS)
     threads = model.get("threads", int, None, lo=1)
-    stretch = model.get("stretch_contrast", bool, False)
+    stretch = model.get("stretch_contrast", (bool, str), "auto")
+    if not (isinstance(stretch, bool) or stretch == "auto"):
+        raise model._err("stretch_contrast", f'must be true, false or "auto", got {stretch!r}')
     model.check_unknown()
 
     capture = root.table("capture") or _Table({}, "capture", path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -26,6 +26,7 @@ from device.runtime import Model, ModelError
 from device.timing import time_ms
 
 TASK = "meter-digit-position"
+Stretch = bool | Literal["auto"]  # contrast stretch before the model: always, never, or for dim frames
 CLASSES = 100  # wheel positions in tenths of a digit: class k is position k / 10
 # Crops are portrait windows (a digit is about 1.6x as tall as wide); 20x32 keeps that aspect, is
 # what the reference system's digit models take, and is at or below the size of the smallest
@@ -50,6 +51,13 @@ ROLLING_MARGIN = 0.15
 TTA_VIEWS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 SINGLE_VIEW: tuple[tuple[int, int], ...] = ((0, 0),)
 MAX_VIEW_SHIFT = 3  # input pixels: beyond this a view loses the digit (training shifts crops by about ±1.5)
+# `stretch = "auto"` stretches a frame's wheels when even its clearest wheel has less contrast than this (luma p5..p95
+# at the model's input size, `wheel_contrast`). Chosen from the training and validation meters only, by a rule fixed
+# before the test meters were read (training/DECISIONS.md, session 10): half-way between the clearest wheel of frames
+# of the validation meters re-rendered grey-on-dark-red (at most 27) and of frames of 8 random wheels of the 21 real
+# training and validation meters (at least 77). The clearest wheel, not the median, decides, so the blank positions
+# of an LCD counter showing a short number do not switch it on.
+AUTO_STRETCH_BELOW = 52.0
 
 
 @dataclass(frozen=True)
@@ -109,13 +117,25 @@ def stretch_contrast(crop: np.ndarray) -> np.ndarray:
     Grey digits on a dark red wheel (a test meter) read badly, and teaching the model such crops by re-colouring
     broke the blank LCD positions (training/DECISIONS.md). Applied at inference, only to a meter whose config asks
     for it, it lifts the validation "dim red" crops from 17% to 99% whole digits and costs ordinary wheel meters
-    0.5 pp of ±0.2 (a rule fixed before the numbers, session 6). Never for LCD counters: it would make a blank
-    position's faint ghost segments look like a digit.
+    0.5 pp of ±0.2 (a rule fixed before the numbers, session 6). Never forced on for LCD counters: it would make a
+    blank position's faint ghost segments look like a digit. "auto" (`AUTO_STRETCH_BELOW`) uses it only on frames
+    dimmer than any real meter's in the data set.
     """
     image = check_image(crop, "meter digit crop").astype(np.float32)
     low = np.percentile(image, 2, axis=(0, 1))
     high = np.percentile(image, 98, axis=(0, 1))
     return np.clip((image - low) * 255.0 / np.maximum(high - low, 1.0), 0, 255).astype(np.uint8)
+
+
+def wheel_contrast(crop: np.ndarray, spec: dict[str, Any] = METER_SPEC) -> float:
+    """Luma spread (5th..95th percentile, grey levels) of a crop at the model's input size: a median of 90-170 per real
+    meter in the data set, under 50 for grey digits on a dark red wheel."""
+    height, width = spec["size"]
+    image = check_image(crop, "meter digit crop")
+    small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+    low, high = np.percentile(grey, (5, 95))
+    return float(high - low)
 
 
 def view_inputs(crops: list[np.ndarray], views: tuple[tuple[int, int], ...], spec: dict[str, Any] = METER_SPEC
@@ -178,30 +198,44 @@ class MeterDigitModel:
     """A meter digit model ready to classify wheel crops. Load once (usually from a bundle), classify many."""
 
     def __init__(self, model: Model, spec: dict[str, Any] = METER_SPEC,
-                 views: tuple[tuple[int, int], ...] = SINGLE_VIEW, stretch: bool = False):
+                 views: tuple[tuple[int, int], ...] = SINGLE_VIEW, stretch: Stretch = False):
         if tuple(model.input_shape[1:3]) != tuple(spec["size"]):
             raise ModelError(f"{model.path.name} takes {model.input_shape[1:3]} input, the preprocessing "
                              f"spec gives {tuple(spec['size'])}")
         self.model = model
         self.spec = spec
         self.views = tuple(tuple(v) for v in views)
+        if not (isinstance(stretch, bool) or stretch == "auto"):  # 1 == True: `in (True, False, "auto")` lets ints by
+            raise ValueError(f"stretch must be True, False or 'auto', not {stretch!r}")
         self.stretch = stretch
 
     @classmethod
     def from_bundle(cls, path: str | Path, variant: str = "int8", threads: int | None = None,
-                    stretch: bool = False) -> "MeterDigitModel":
+                    stretch: Stretch = False) -> "MeterDigitModel":
         """Verify the bundle's hashes, then load its `variant` model with the test-time views it was measured with;
-        `stretch` turns on `stretch_contrast` for a low-contrast wheel meter."""
+        `stretch` turns on `stretch_contrast` for a low-contrast wheel meter (True), or for frames whose clearest
+        wheel is dim ("auto", `stretches`)."""
         bundle = Bundle.load(path)
         if bundle.task != TASK:
             raise BundleError(f"{bundle.root} is a '{bundle.task}' bundle, not a meter digit model ({TASK})")
         return cls(bundle.model(variant, threads=threads), bundle.preprocessing, bundle_views(bundle), stretch)
 
+    def stretches(self, crops: list[np.ndarray]) -> bool:
+        """Whether these crops, the wheels of one frame, are contrast-stretched before the model: always, never, or
+        ("auto") when the clearest of them is below AUTO_STRETCH_BELOW."""
+        if self.stretch == "auto":
+            return bool(crops) and max(wheel_contrast(c, self.spec) for c in crops) < AUTO_STRETCH_BELOW
+        return bool(self.stretch)
+
     def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
-        """(N, 100) class probabilities, one row per crop (class k = position k / 10), averaged over the views."""
+        """(N, 100) class probabilities, one row per crop (class k = position k / 10), averaged over the views.
+
+        With `stretch = "auto"` the crops are taken as the wheels of one frame (the reader's call): they are
+        stretched together or not at all."""
         if not crops:
             return np.empty((0, CLASSES), np.float32)
-        x = view_inputs([stretch_contrast(c) for c in crops] if self.stretch else crops, self.views, self.spec)
+        x = view_inputs([stretch_contrast(c) for c in crops] if self.stretches(crops) else crops, self.views,
+                        self.spec)
         return mean_over_views(np.stack([self.model.run(v)[0].reshape(CLASSES) for v in x]), len(self.views))
 
     def classify(self, crops: list[np.ndarray]) -> list[WheelReading]:
