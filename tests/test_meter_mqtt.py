@@ -174,7 +174,7 @@ def test_http_endpoint_and_sqlite_history(tmp_path: Path, model, pick) -> None:
         service.step(distort(reference, seed=1))
         status, latest = _get(f"{base}/api/value")
         assert status == 200 and (latest["value"], latest["status"], latest["unit"]) == (4499.0, "initial", "kWh")
-        assert latest["wheels"] and latest["alignment"] > 0.6
+        assert latest["wheels"] and latest["alignment"] > 0.6 and latest["contrast_stretched"] is False
 
         assert _post(f"{base}/api/value", b'{"value": 5000}')[0] == 401  # no token
         assert _post(f"{base}/api/value", b'{"valu": 1}', "s3cret")[0] == 400

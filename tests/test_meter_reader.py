@@ -236,6 +236,24 @@ def test_contrast_stretch_is_auto_unless_the_meter_config_says_otherwise(tmp_pat
             load_config(config_path)
 
 
+def test_a_dim_red_meter_is_read_with_the_default_auto_stretch(tmp_path: Path, model, pick) -> None:
+    """Grey digits on a dark red wheel (as the test meter watermeter/pp): the composed meter's wheel crops re-rendered
+    so, the plate and marks as before. The config's default, "auto", stretches that frame and reads it; the composed
+    frames of ordinary crops are read unstretched."""
+    crops = pick(("0.0", "0.0", "3.0", "5.0", "8.0"))
+    dim = []
+    for crop in crops:
+        grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        dim.append(np.stack([0.05 * grey + 5, 0.08 * grey + 5, 0.35 * grey + 50], axis=2).astype(np.uint8))
+    for wheels, name in ((crops, "plain"), (dim, "dim")):
+        reference, config_path = compose_meter(tmp_path / name, wheels, "decimals = 3")
+        reader = MeterReader.from_config(load_config(config_path))
+        assert reader.model.stretch == "auto"
+        result = reader.read(distort(reference, seed=0))
+        assert result.value == 0.358, result.summary()
+        assert result.summary()["contrast_stretched"] is (name == "dim"), result.summary()
+
+
 def test_example_config_is_valid(tmp_path: Path) -> None:
     """The shipped example loads once its reference-mark images exist (they are cut per installation)."""
     example = Path(__file__).resolve().parents[1] / "device" / "meter" / "examples" / "water.toml"

@@ -61,6 +61,8 @@ class Wheel(Protocol):
 class WheelClassifier(Protocol):
     def classify(self, crops: list[np.ndarray]) -> Sequence[Wheel]: ...
 
+    def stretches(self, crops: list[np.ndarray]) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Assembled:
@@ -137,6 +139,7 @@ class MeterReading:
     error: str = ""
     crops: tuple[np.ndarray, ...] = field(default=(), repr=False)
     alternatives: tuple[float, ...] = ()  # other values the wheels fit (see `assemble`), most likely first
+    stretched: bool = False  # the wheels were contrast-stretched before the model ([model] stretch_contrast)
 
     def positions(self) -> list[float]:
         """Wheel positions in [0, 10), rounded for display (a model may report 9.999… as 10.0)."""
@@ -148,7 +151,7 @@ class MeterReading:
 
     def summary(self) -> dict:
         return {"value": self.value, "text": self.text, "error": self.error, "alternatives": list(self.alternatives),
-                "wheels": self.positions(),
+                "wheels": self.positions(), "contrast_stretched": self.stretched,
                 "confidence": round(self.confidence, 3), "alignment": self.alignment.summary()}
 
 
@@ -183,11 +186,12 @@ class MeterReader:
                                                          "falls outside the frame")
         crops = tuple(self.aligner.crop(frame, alignment, roi) for roi in self.config.digits)
         wheels = tuple(self.model.classify(list(crops)))
+        stretched = self.model.stretches(list(crops))
         unsure = [f"#{i + 1} ({w.confidence:.2f})" for i, w in enumerate(wheels)
                   if w.confidence < self.config.reading.min_confidence]
         if unsure:
             return MeterReading(None, "", wheels, alignment, f"digit model unsure of wheel {', '.join(unsure)} "
-                                f"< min_confidence {self.config.reading.min_confidence}", crops)
+                                f"< min_confidence {self.config.reading.min_confidence}", crops, stretched=stretched)
         result = assemble(wheels, self.config.reading)
         return MeterReading(result.value, result.text, wheels, alignment, "", crops,
-                            tuple(a.value for a in result.alternatives))
+                            tuple(a.value for a in result.alternatives), stretched)

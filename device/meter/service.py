@@ -84,7 +84,7 @@ class MeterService:
                 state.update(error=f"{outcome.status}: {outcome.reason}", error_time=_iso(outcome.timestamp))
             if details is not None:
                 state.update(text=details["text"], wheels=details["wheels"],
-                             alignment=details["alignment"]["quality"])
+                             alignment=details["alignment"]["quality"], contrast_stretched=details["contrast_stretched"])
         if self.history is not None:
             try:
                 self.history.add(outcome, details)
