@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +43,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -
     """Run `python -m ...` from the repository root as a user would, capturing its output."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def dim_red(crop: np.ndarray) -> np.ndarray:
+    """A real BGR meter crop re-rendered as grey digits on a dark red wheel, as the test meter watermeter/pp looks (the
+    validation check of training/DECISIONS.md)."""
+    import cv2
+
+    grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    return np.stack([0.05 * grey + 5, 0.08 * grey + 5, 0.35 * grey + 50], axis=2).astype(np.uint8)

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import dim_red
 
 from device.bundle import BundleError
 from device.images import ImageError, load_image
@@ -136,12 +137,6 @@ def test_the_bundle_names_its_views_and_bad_ones_are_refused(models_dir: Path, t
         (copy / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match="pairs of whole pixels"):
             MeterDigitModel.from_bundle(copy)
-
-
-def dim_red(crop: np.ndarray) -> np.ndarray:
-    """A real crop re-rendered as grey digits on a dark red wheel (the validation check of training/DECISIONS.md)."""
-    grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float32)
-    return np.stack([0.05 * grey + 5, 0.08 * grey + 5, 0.35 * grey + 50], axis=2).astype(np.uint8)
 
 
 def test_contrast_stretch_reads_dim_red_wheels_when_forced_or_auto(models_dir: Path, data_dir: Path) -> None:

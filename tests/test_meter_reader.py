@@ -21,7 +21,7 @@ from typing import Callable
 import cv2
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import dim_red, run_cli
 
 from device.meter.compose import Layout, choose_crops, distort, mark_patch, render, write_config
 from device.meter.config import ConfigError, ReadingConfig, Roi, load_config
@@ -241,11 +241,7 @@ def test_a_dim_red_meter_is_read_with_the_default_auto_stretch(tmp_path: Path, m
     so, the plate and marks as before. The config's default, "auto", stretches that frame and reads it; the composed
     frames of ordinary crops are read unstretched."""
     crops = pick(("0.0", "0.0", "3.0", "5.0", "8.0"))
-    dim = []
-    for crop in crops:
-        grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float32)
-        dim.append(np.stack([0.05 * grey + 5, 0.08 * grey + 5, 0.35 * grey + 50], axis=2).astype(np.uint8))
-    for wheels, name in ((crops, "plain"), (dim, "dim")):
+    for wheels, name in ((crops, "plain"), ([dim_red(c) for c in crops], "dim")):
         reference, config_path = compose_meter(tmp_path / name, wheels, "decimals = 3")
         reader = MeterReader.from_config(load_config(config_path))
         assert reader.model.stretch == "auto"
