@@ -227,20 +227,22 @@ class MeterDigitModel:
             return bool(crops) and max(wheel_contrast(c, self.spec) for c in crops) < AUTO_STRETCH_BELOW
         return bool(self.stretch)
 
-    def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
+    def probabilities(self, crops: list[np.ndarray], stretched: bool | None = None) -> np.ndarray:
         """(N, 100) class probabilities, one row per crop (class k = position k / 10), averaged over the views.
 
         With `stretch = "auto"` the crops are taken as the wheels of one frame (the reader's call): they are
-        stretched together or not at all."""
+        stretched together or not at all. `stretched` passes a `stretches` answer the caller already has."""
         if not crops:
             return np.empty((0, CLASSES), np.float32)
-        x = view_inputs([stretch_contrast(c) for c in crops] if self.stretches(crops) else crops, self.views,
-                        self.spec)
+        if stretched is None:
+            stretched = self.stretches(crops)
+        x = view_inputs([stretch_contrast(c) for c in crops] if stretched else crops, self.views, self.spec)
         return mean_over_views(np.stack([self.model.run(v)[0].reshape(CLASSES) for v in x]), len(self.views))
 
-    def classify(self, crops: list[np.ndarray]) -> list[WheelReading]:
-        """One WheelReading per crop (BGR uint8 crops of any size, one per wheel, in any order)."""
-        values, confidence = decode(self.probabilities(list(crops)))
+    def classify(self, crops: list[np.ndarray], stretched: bool | None = None) -> list[WheelReading]:
+        """One WheelReading per crop (BGR uint8 crops of any size, one per wheel, in any order); `stretched` as in
+        `probabilities`."""
+        values, confidence = decode(self.probabilities(list(crops), stretched))
         return [reading(v, c) for v, c in zip(values, confidence)]
 
 

@@ -59,7 +59,7 @@ class Wheel(Protocol):
 
 
 class WheelClassifier(Protocol):
-    def classify(self, crops: list[np.ndarray]) -> Sequence[Wheel]: ...
+    def classify(self, crops: list[np.ndarray], stretched: bool | None = None) -> Sequence[Wheel]: ...
 
     def stretches(self, crops: list[np.ndarray]) -> bool: ...
 
@@ -185,8 +185,8 @@ class MeterReader:
             return MeterReading(None, "", (), alignment, f"alignment refused: digit ROI {', '.join(outside)} "
                                                          "falls outside the frame")
         crops = tuple(self.aligner.crop(frame, alignment, roi) for roi in self.config.digits)
-        wheels = tuple(self.model.classify(list(crops)))
-        stretched = self.model.stretches(list(crops))
+        stretched = self.model.stretches(list(crops))  # decided once: classify is told, the reading reports it
+        wheels = tuple(self.model.classify(list(crops), stretched))
         unsure = [f"#{i + 1} ({w.confidence:.2f})" for i, w in enumerate(wheels)
                   if w.confidence < self.config.reading.min_confidence]
         if unsure:
