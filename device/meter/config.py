@@ -145,7 +145,7 @@ class MeterConfig:
     variant: str
     threads: int | None
     # Contrast stretch before the model (device.meter.model.stretch_contrast): true for a low-contrast wheel meter
-    # (never an LCD), false never, "auto" (default) for frames dimmer than any real meter's in the data set.
+    # (never an LCD), false never, "auto" (default) for frames dimmer than any of the training/validation meters'.
     stretch_contrast: Stretch
     alignment: AlignmentConfig
     digits: tuple[Roi, ...]

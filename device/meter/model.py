@@ -119,7 +119,7 @@ def stretch_contrast(crop: np.ndarray) -> np.ndarray:
     for it, it lifts the validation "dim red" crops from 17% to 99% whole digits and costs ordinary wheel meters
     0.5 pp of ±0.2 (a rule fixed before the numbers, session 6). Never forced on for LCD counters: it would make a
     blank position's faint ghost segments look like a digit. "auto" (`AUTO_STRETCH_BELOW`) uses it only on frames
-    dimmer than any real meter's in the data set.
+    dimmer than any of the training and validation meters'.
     """
     image = check_image(crop, "meter digit crop").astype(np.float32)
     low = np.percentile(image, 2, axis=(0, 1))
@@ -128,8 +128,8 @@ def stretch_contrast(crop: np.ndarray) -> np.ndarray:
 
 
 def wheel_contrast(crop: np.ndarray, spec: dict[str, Any] = METER_SPEC) -> float:
-    """Luma spread (5th..95th percentile, grey levels) of a crop at the model's input size: a median of 90-170 per real
-    meter in the data set, under 50 for grey digits on a dark red wheel."""
+    """Luma spread (5th..95th percentile, grey levels) of a crop shrunk (INTER_AREA) to the model's input size: a
+    median of 90-170 per training or validation meter, 46 for the grey digits on dark red of test meter pp."""
     height, width = spec["size"]
     image = check_image(crop, "meter digit crop")
     small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
