@@ -83,8 +83,8 @@ class MeterService:
             if not outcome.accepted:
                 state.update(error=f"{outcome.status}: {outcome.reason}", error_time=_iso(outcome.timestamp))
             if details is not None:
-                state.update(text=details["text"], wheels=details["wheels"],
-                             alignment=details["alignment"]["quality"], contrast_stretched=details["contrast_stretched"])
+                state.update(text=details["text"], wheels=details["wheels"], alignment=details["alignment"]["quality"],
+                             contrast_stretched=details["contrast_stretched"])
         if self.history is not None:
             try:
                 self.history.add(outcome, details)
